@@ -1,0 +1,257 @@
+"""Centered kernel alignment (CKA) and the Hilbert-Schmidt independence criterion (HSIC).
+
+Definitions follow Kornblith et al., "Similarity of Neural Network Representations Revisited"
+(ICML 2019) and Gretton et al. (2005); the unbiased HSIC estimator is Song et al., "Feature
+Selection via Dependence Maximization" (JMLR 2012), eq. (5).
+
+Every function takes leading batch dimensions: representations are ``(..., n, p)`` (n samples,
+p features) and Gram matrices ``(..., n, n)``; the result has shape ``(...)``.
+
+Numerics, in one place:
+  * Half-precision inputs (and inputs produced under autocast) are promoted to float32 and the
+    maths runs with autocast disabled; float64 inputs stay float64 (``gradcheck`` uses them).
+  * CKA is invariant to isotropic scaling, so each representation / Gram matrix is divided by
+    its (detached) largest absolute entry before any product. This changes neither the value nor
+    the gradient, and keeps the quartic norms ``||K||_F^2`` inside float32's range for large
+    flattened features.
+  * The only epsilon is ``EPS`` in ``_normalised_inner``: a squared norm below it (after the
+    rescaling, so it is relative to the data's own scale) means a constant representation, whose
+    CKA is undefined. We return 0 there, with zero gradient, instead of NaN.
+
+Difference from the paper's released code (Klayand/PCKA): its "CKA" never centres; it is the
+cosine similarity of the uncentred Gram matrices ``X X^T`` and ``Y Y^T``. That equals linear CKA
+only for column-centred inputs. ``centered=True`` (the default here) is CKA as defined by the
+theory the paper builds on; ``centered=False`` reproduces the released code.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EPS",
+    "gram_linear",
+    "gram_rbf",
+    "center_gram",
+    "hsic",
+    "cka",
+    "linear_cka",
+]
+
+# Squared-norm floor, relative to the data's scale (see the module docstring).
+EPS = 1e-12
+
+
+def _promote(t: Tensor) -> Tensor:
+    """float64 stays float64; everything else is computed in float32."""
+    if t.dtype == torch.float64:
+        return t
+    return t.float()
+
+
+def _no_autocast(t: Tensor):
+    if t.device.type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _rescale(t: Tensor, dims: tuple[int, int] = (-2, -1)) -> Tensor:
+    """Divide by the detached largest |entry| per batch element (CKA is scale invariant)."""
+    scale = t.detach().abs().amax(dim=dims, keepdim=True)
+    return t / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _check_representation(x: Tensor, name: str) -> None:
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} must have shape (..., n, p) with n samples and p features; got shape "
+            f"{tuple(x.shape)}. Flatten each sample's features into one vector first."
+        )
+    if x.shape[-2] < 2:
+        raise ValueError(
+            f"CKA needs at least 2 samples, {name} has n={x.shape[-2]} (shape {tuple(x.shape)}). "
+            "Use a batch of 2 or more."
+        )
+
+
+def _check_gram(k: Tensor, name: str) -> None:
+    if k.dim() < 2 or k.shape[-1] != k.shape[-2]:
+        raise ValueError(f"{name} must be a square Gram matrix (..., n, n); got shape {tuple(k.shape)}.")
+    if k.shape[-1] < 2:
+        raise ValueError(f"CKA/HSIC need at least 2 samples; {name} is {tuple(k.shape)}.")
+
+
+def gram_linear(x: Tensor) -> Tensor:
+    """Linear kernel Gram matrix ``K = X X^T`` of representations ``x`` (..., n, p)."""
+    _check_representation(x, "x")
+    x = _promote(x)
+    with _no_autocast(x):
+        return x @ x.transpose(-1, -2)
+
+
+def _squared_distances(x: Tensor) -> Tensor:
+    sq_norms = (x * x).sum(-1)
+    gram = x @ x.transpose(-1, -2)
+    # Rounding can make tiny distances negative; clamp them to 0.
+    return (sq_norms.unsqueeze(-1) + sq_norms.unsqueeze(-2) - 2 * gram).clamp_min(0)
+
+
+def median_bandwidth(x: Tensor) -> Tensor:
+    """Median heuristic: sqrt of the median squared distance between distinct samples, per batch element.
+
+    Returned detached: the bandwidth is a hyperparameter of the kernel, not something to learn.
+    A constant representation (all distances 0) gets bandwidth 1.
+    """
+    _check_representation(x, "x")
+    x = _promote(x.detach())
+    with _no_autocast(x):
+        d2 = _squared_distances(x)
+    n = d2.shape[-1]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=d2.device)
+    med = d2[..., off_diagonal].median(dim=-1).values
+    return torch.where(med > 0, med, torch.ones_like(med)).sqrt()
+
+
+def gram_rbf(x: Tensor, sigma: float | Tensor | None = None) -> Tensor:
+    """Gaussian (RBF) Gram matrix ``K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2))``.
+
+    ``sigma=None`` uses the median heuristic (``median_bandwidth``). Kornblith et al. take the
+    median over all entries including the zero diagonal; we take it over distinct pairs, which
+    does not shrink with n.
+    """
+    _check_representation(x, "x")
+    x = _promote(x)
+    if sigma is None:
+        sigma = median_bandwidth(x)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if (sigma <= 0).any():
+        raise ValueError(f"RBF bandwidth sigma must be positive, got {sigma}.")
+    with _no_autocast(x):
+        d2 = _squared_distances(x)
+        return torch.exp(-d2 / (2 * sigma[..., None, None] ** 2))
+
+
+def center_gram(k: Tensor) -> Tensor:
+    """``H K H`` with ``H = I - 11^T / n``, computed from row/column means (H is never formed)."""
+    _check_gram(k, "k")
+    k = _promote(k)
+    with _no_autocast(k):
+        row_mean = k.mean(dim=-1, keepdim=True)
+        col_mean = k.mean(dim=-2, keepdim=True)
+        return k - row_mean - col_mean + row_mean.mean(dim=-2, keepdim=True)
+
+
+def _hsic_unbiased_unnormalised(k: Tensor, l: Tensor) -> Tensor:
+    """n(n-3) * HSIC_1 of Song et al. (2012), eq. (5), without the 1/(n(n-3)) factor."""
+    n = k.shape[-1]
+    k = k - torch.diag_embed(torch.diagonal(k, dim1=-2, dim2=-1))
+    l = l - torch.diag_embed(torch.diagonal(l, dim1=-2, dim2=-1))
+    trace_kl = (k * l).sum(dim=(-2, -1))  # tr(K L) for symmetric K, L
+    sum_k = k.sum(dim=(-2, -1))
+    sum_l = l.sum(dim=(-2, -1))
+    # 1^T K L 1 = (K 1) . (L 1)
+    cross = (k.sum(dim=-1) * l.sum(dim=-1)).sum(dim=-1)
+    return trace_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)
+
+
+def hsic(k: Tensor, l: Tensor, unbiased: bool = False) -> Tensor:
+    """HSIC of two Gram matrices over the same n samples.
+
+    Biased (Gretton et al. 2005): ``tr(K H L H) / (n - 1)^2``.
+    Unbiased (Song et al. 2012, eq. 5), n > 3:
+    ``[tr(K~ L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n (n-3))``
+    with K~, L~ the Gram matrices with zeroed diagonals.
+    """
+    _check_pair(k, l)
+    k, l = _promote(k), _promote(l)
+    n = k.shape[-1]
+    with _no_autocast(k):
+        if unbiased:
+            if n < 4:
+                raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got n={n}.")
+            return _hsic_unbiased_unnormalised(k, l) / (n * (n - 3))
+        # tr(K H L H) = <HKH, L>: only one of the two needs centring.
+        return (center_gram(k) * l).sum(dim=(-2, -1)) / (n - 1) ** 2
+
+
+def _check_pair(k: Tensor, l: Tensor) -> None:
+    _check_gram(k, "k")
+    _check_gram(l, "l")
+    if k.shape != l.shape:
+        raise ValueError(
+            f"Gram matrices must have the same shape (same samples); got {tuple(k.shape)} and {tuple(l.shape)}."
+        )
+
+
+def _normalised_inner(inner: Tensor, sq_norm_a: Tensor, sq_norm_b: Tensor) -> Tensor:
+    """``inner / sqrt(sq_norm_a * sq_norm_b)``; 0 with zero gradient for a degenerate (zero) side.
+
+    Clamping each squared norm at EPS keeps the result in [-1, 1] (Cauchy-Schwarz) and makes the
+    gradient through a clamped norm exactly zero.
+    """
+    return inner * torch.rsqrt(sq_norm_a.clamp_min(EPS)) * torch.rsqrt(sq_norm_b.clamp_min(EPS))
+
+
+def cka(k: Tensor, l: Tensor, centered: bool = True, unbiased: bool = False) -> Tensor:
+    """CKA of two Gram matrices: ``<K~, L~>_F / (||K~||_F ||L~||_F)`` with K~ = HKH.
+
+    ``centered=False`` skips the centring (the paper's released code). ``unbiased=True`` uses the
+    unbiased HSIC estimator for all three terms ("debiased CKA", Kornblith et al. 2019, App. B);
+    its value can fall slightly outside [0, 1] for finite n.
+    """
+    _check_pair(k, l)
+    if unbiased and not centered:
+        raise ValueError("unbiased=True implies centring (the estimator centres implicitly); use centered=True.")
+    k, l = _rescale(_promote(k)), _rescale(_promote(l))
+    with _no_autocast(k):
+        if unbiased:
+            n = k.shape[-1]
+            if n < 4:
+                raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got n={n}.")
+            return _normalised_inner(
+                _hsic_unbiased_unnormalised(k, l),
+                _hsic_unbiased_unnormalised(k, k),
+                _hsic_unbiased_unnormalised(l, l),
+            )
+        if centered:
+            k, l = center_gram(k), center_gram(l)
+        return _normalised_inner(
+            (k * l).sum(dim=(-2, -1)), (k * k).sum(dim=(-2, -1)), (l * l).sum(dim=(-2, -1))
+        )
+
+
+def linear_cka(x: Tensor, y: Tensor, centered: bool = True) -> Tensor:
+    """Linear CKA of representations x (..., n, p) and y (..., n, q) of the same n samples.
+
+    ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` after centring the columns (feature form), which
+    equals ``cka(X X^T, Y Y^T)`` (Gram form). We evaluate whichever is cheaper: the feature form
+    costs about n(pq + p^2 + q^2) multiply-adds, the Gram form n^2(p + q).
+    ``centered=False`` reproduces the paper's released code (no centring).
+    """
+    _check_representation(x, "x")
+    _check_representation(y, "y")
+    if x.shape[:-1] != y.shape[:-1]:
+        raise ValueError(
+            f"x and y must describe the same samples: shapes (..., n, p) and (..., n, q) with equal "
+            f"leading dims and n; got {tuple(x.shape)} and {tuple(y.shape)}."
+        )
+    x, y = _promote(x), _promote(y)
+    if x.dtype != y.dtype:
+        x, y = x.double(), y.double()
+    with _no_autocast(x):
+        if centered:
+            x = x - x.mean(dim=-2, keepdim=True)
+            y = y - y.mean(dim=-2, keepdim=True)
+        x, y = _rescale(x), _rescale(y)
+        n, p, q = x.shape[-2], x.shape[-1], y.shape[-1]
+        if n * (p * q + p * p + q * q) < n * n * (p + q):
+            xt, yt = x.transpose(-1, -2), y.transpose(-1, -2)
+            inner, a, b = yt @ x, xt @ x, yt @ y
+        else:
+            # The columns are centred already, so these Gram matrices are H K H and H L H.
+            inner = None
+            a, b = x @ x.transpose(-1, -2), y @ y.transpose(-1, -2)
+        cross = (inner * inner).sum(dim=(-2, -1)) if inner is not None else (a * b).sum(dim=(-2, -1))
+        return _normalised_inner(cross, (a * a).sum(dim=(-2, -1)), (b * b).sum(dim=(-2, -1)))
