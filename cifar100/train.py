@@ -10,6 +10,7 @@ Rerunning the same command resumes from output_dir/checkpoint.pth; a finished ru
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -52,8 +53,8 @@ METHODS = ("ce", "kd", "dkd", "fcka", "lcka", "rcka")
 LIGHTWEIGHT_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("RCKA knowledge distillation on CIFAR-100", add_help=True)
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("RCKA knowledge distillation on CIFAR-100", add_help=add_help)
 
     # ---- model
     parser.add_argument("--student", default="resnet20", choices=sorted(MODELS), metavar="ARCH",
@@ -149,17 +150,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolved_method(args: argparse.Namespace) -> str:
+    return args.method or ("rcka" if args.teacher else "ce")
+
+
+def default_output_dir(args: argparse.Namespace) -> str:
+    """output/cifar100/<teacher>_<student>/<method>/seed<seed>: one folder per setting, so sweeps never collide."""
+    pair = f"{args.teacher}_{args.student}" if args.teacher else args.student
+    return os.path.join("output", "cifar100", pair, resolved_method(args), f"seed{args.seed}")
+
+
 def derive_config(args: argparse.Namespace, world_size: int) -> dict:
     """Values that follow from the user's flags, kept apart from them (args is never modified)."""
-    method = args.method or ("rcka" if args.teacher else "ce")
+    method = resolved_method(args)
     if method != "ce" and not args.teacher:
         raise UsageError(f"--method {method} distils from a teacher: pass --teacher ARCH (or use --method ce).")
     if args.batch_size % world_size:
         raise UsageError(f"--batch_size {args.batch_size} (the total batch) must be divisible by the {world_size} processes.")
     lr = args.lr if args.lr is not None else (0.01 if args.student in LIGHTWEIGHT_STUDENTS else 0.05)
     ce_weight = args.ce_weight if args.ce_weight is not None else (0.1 if method == "kd" else 1.0)
-    pair = f"{args.teacher}_{args.student}" if args.teacher else args.student
-    output_dir = args.output_dir or os.path.join("output", "cifar100", pair, method, f"seed{args.seed}")
+    output_dir = args.output_dir or default_output_dir(args)
     return {
         "method": method,
         "lr": lr,
@@ -312,7 +322,8 @@ def main(args: argparse.Namespace) -> dict:
                "seed": args.seed, "epochs": args.epochs, "last_acc1": stats["acc1"], "last_acc5": stats["acc5"],
                "best_acc1": best_acc1, "best_epoch": best_epoch,
                "paper_acc1": paper_top1(args.teacher, args.student, cfg["method"]),
-               "git_commit": run_metadata(args)["git_commit"], "output_dir": str(output_dir)}
+               "git_commit": run_metadata(args)["git_commit"], "output_dir": str(output_dir),
+               "weights_sha256": state_dict_sha256(student)}
     if dist.is_main_process():
         save_zoo_weights(student, output_dir / "student_last.pth", args.epochs - 1, stats["acc1"])
         write_json_atomic(summary, done_path)
@@ -361,6 +372,15 @@ class TeacherCheckError(RuntimeError):
 
 class UsageError(ValueError):
     """Flags that do not fit together; the message says which and what to pass instead."""
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """A fingerprint of the weights: equal on every rank of a correct DDP run, and across exact resumes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def set_loader_epoch(loader, epoch: int) -> None:
