@@ -67,7 +67,7 @@ def resolve_teacher_checkpoint(
     if teacher_ckpt:
         path = Path(teacher_ckpt)
         if not path.is_file():
-            raise TeacherNotFoundError(f"--teacher_ckpt {path} does not exist. Check the path, or {_train_it_yourself(name)}.")
+            raise TeacherNotFoundError(f"--teacher_ckpt {path} is not a file. Check the path, or {_train_it_yourself(name)}.")
         return path
     path = zoo_checkpoint_path(zoo_dir, name)
     if path.is_file():

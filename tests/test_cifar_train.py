@@ -243,3 +243,20 @@ def test_corrupt_checkpoint_is_a_clear_error(cifar_root, tmp_path):
 def test_method_without_teacher_is_a_usage_error(cifar_root, tmp_path):
     with pytest.raises(train.UsageError, match="--teacher"):
         train.main(make_args(cifar_root, tmp_path / "x", "--method", "rcka"))
+
+
+def test_amp_and_channels_last_train_on_cpu(cifar_root, zoo_dir, tmp_path):
+    # bf16 autocast and channels-last are the GPU fast path; the same code runs on CPU.
+    out = tmp_path / "amp"
+    summary = train.main(make_args(cifar_root, out, "--student", "resnet8", "--teacher", "resnet8", "--zoo_dir",
+                                   str(zoo_dir), "--epochs", "1", "--amp", "--channels_last"))
+    log = read_log(out / "log.txt")
+    assert all(torch.isfinite(torch.tensor(log[0][f"train_{k}"])) for k in ("fcka", "lcka_intra", "lcka_inter"))
+    assert 0 <= summary["last_acc1"] <= 100
+
+
+def test_torchvision_loader_path_trains(cifar_root, tmp_path):
+    out = tmp_path / "pil"
+    summary = train.main(make_args(cifar_root, out, "--student", "resnet8", "--epochs", "1", "--loader",
+                                   "torchvision", "--num_workers", "0"))
+    assert (out / "done.json").is_file() and 0 <= summary["last_acc1"] <= 100
