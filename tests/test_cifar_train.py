@@ -260,3 +260,13 @@ def test_torchvision_loader_path_trains(cifar_root, tmp_path):
     summary = train.main(make_args(cifar_root, out, "--student", "resnet8", "--epochs", "1", "--loader",
                                    "torchvision", "--num_workers", "0"))
     assert (out / "done.json").is_file() and 0 <= summary["last_acc1"] <= 100
+
+
+@pytest.mark.slow
+def test_compile_trains_and_taps_still_record_features(cifar_root, zoo_dir, tmp_path):
+    # torch.compile must keep the forward hooks that FCKA reads; inductor builds C++ kernels on CPU too.
+    out = tmp_path / "compiled"
+    train.main(make_args(cifar_root, out, "--student", "resnet8", "--teacher", "resnet8", "--zoo_dir", str(zoo_dir),
+                         "--epochs", "1", "--compile"))
+    log = read_log(out / "log.txt")
+    assert log[0]["train_fcka"] > 0 and (out / "done.json").is_file()
