@@ -298,6 +298,7 @@ def main(args: argparse.Namespace) -> dict:
         train_stats = train_one_epoch(model, teacher, criterion, student_taps, teacher_taps, train_loader, optimizer,
                                       epoch, info.device, args, cfg)
         lr_scheduler.step()
+        dist.broadcast_buffers(student)
         stats = evaluate(student, test_loader, info.device, args.amp)
         if stats["acc1"] > best_acc1:
             best_acc1, best_epoch = stats["acc1"], epoch

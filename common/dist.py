@@ -280,6 +280,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced.to(tensor.device)
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, but the last training forward then updates them
+    locally, so after an epoch ranks hold slightly different BN statistics. Syncing them before evaluation
+    makes every rank evaluate, and fingerprint, exactly the weights rank 0 saves.
+    """
+    if not is_dist_avail_and_initialized():
+        return
+    for buffer in module.buffers():
+        if dist.get_backend() == dist.Backend.NCCL or buffer.device.type == "cpu":
+            dist.broadcast(buffer.data, src)
+        else:
+            staged = buffer.detach().cpu()
+            dist.broadcast(staged, src)
+            buffer.data.copy_(staged)
+
+
 def reduce_dict(values: Mapping[str, torch.Tensor | float], average: bool = True) -> dict[str, float]:
     """Sum (or average) scalar values across processes, for logging; every process must pass the same keys."""
     if not values:

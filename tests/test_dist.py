@@ -167,8 +167,8 @@ WORKER = """
 import json
 import torch
 import torch.distributed as dist
-from common.dist import (DistributedEvalSampler, barrier, cleanup, gather_counts, init_distributed, print_main,
-                         reduce_dict)
+from common.dist import (DistributedEvalSampler, barrier, broadcast_buffers, cleanup, gather_counts,
+                         init_distributed, print_main, reduce_dict)
 from common.logging import SmoothedValue
 
 info = init_distributed("cpu")
@@ -182,6 +182,11 @@ for batch in loader:
     seen += batch.tolist()
 everyone_seen = [None] * info.world_size
 dist.all_gather_object(everyone_seen, seen)
+bn = torch.nn.BatchNorm1d(3)
+bn.running_mean.fill_(float(info.rank + 5))  # ranks disagree, as after a DDP epoch
+broadcast_buffers(bn)
+buffers_after = [None] * info.world_size
+dist.all_gather_object(buffers_after, bn.running_mean.tolist())
 meter = SmoothedValue()
 meter.update(float(info.rank), n=info.rank + 1)
 meter.synchronize_between_processes()
@@ -192,6 +197,7 @@ result = {
     "mean": reduce_dict({"loss": torch.tensor(float(info.rank + 1)), "acc": 10.0 * info.rank}),
     "sum": reduce_dict({"n": 1.0}, average=False),
     "meter": [meter.count, meter.total],
+    "buffers": buffers_after,
 }
 print_main("RESULT " + json.dumps(result))
 barrier()
@@ -220,6 +226,7 @@ def check_worker_output(outputs: list[str]) -> None:
     assert result["mean"] == {"acc": 5.0, "loss": 1.5}
     assert result["sum"] == {"n": 2.0}
     assert result["meter"] == [3, 2.0]  # rank 0: one sample of 0.0; rank 1: two samples of 1.0
+    assert result["buffers"] == [[5.0, 5.0, 5.0]] * 2  # rank 0's BN statistics on both ranks
 
 
 def test_two_gloo_processes_under_torchrun_reduce_and_count_every_test_sample_once(tmp_path):
