@@ -1,0 +1,529 @@
+"""Training runs of any task as SLURM jobs (submitit): one run, several seeds, or a named sweep as ONE job array.
+
+    python slurm/launch.py cifar100 --teacher resnet56 --student resnet20 --timeout_min 600 --gpus_per_node 1
+    python slurm/launch.py cifar100 --sweep table1 --timeout_min 600 --gpus_per_node 1 --dry_run
+    python slurm/launch.py cifar100 --sweep table1 --timeout_min 600 --gpus_per_node 1      # submit (or resubmit)
+    python slurm/launch.py cifar100 --sweep table1 --status                                  # where every run is
+    python slurm/launch.py imagenet --nodes 2 --gpus_per_node 8 --timeout_min 2880 ...       # multi-node DDP
+
+Every flag of the task's train.py works as is (this parser extends the task's own); the SLURM flags below are passed
+to sbatch only when given, so the cluster's own defaults apply otherwise. Each run's output_dir is derived from its
+settings and made absolute at submission, so resubmitting a sweep skips finished runs (done.json), leaves alone runs
+whose job is still queued or running, and resubmits the rest, which resume from their checkpoint.pth. A preempted
+or timed-out job is requeued by submitit (Trainer.checkpoint) and resumes the same way. `--status` with the same
+flags reads the run folders and squeue: done / running / pending / failed / not submitted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import getpass
+import importlib
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import submitit
+from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+from common.logging import read_jsonl, write_json_atomic
+
+# Task name -> its training module, which provides get_args_parser(add_help), main(args) and default_output_dir(args).
+# A new task is one line here.
+TASKS = {
+    "cifar100": "cifar100.train",
+    "imagenet": "imagenet.train",
+    "coco_detection": "coco_detection.train",
+}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    task: str
+    source: str  # the rows of <task>/paper_results.csv (column `source`) whose teacher/student pairs are swept
+    methods: tuple[str, ...]
+    help: str
+
+
+SWEEPS = {
+    "table1": Sweep("cifar100", "rcka_table1", ("ce", "kd", "dkd", "fcka", "lcka", "rcka"),
+                    "the paper's Table 1 pairs x ce, kd, dkd, fcka, lcka, rcka (ce: each student alone, once)"),
+    "baselines13": Sweep("cifar100", "crd_dkd_baselines", ("kd", "dkd", "rcka"),
+                         "the 13 standard CRD/DKD pairs x kd, dkd, rcka"),
+}
+SWEEP_SEEDS = (0, 1, 2)
+# The settings a sweep varies; a task needs these flags for --sweep, --pairs and --methods.
+VARIED = ("teacher", "student", "method", "seed")
+QUEUE_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING"}
+JOB_RECORD = "slurm_job.json"
+# Runs that (re)submission sends: never one whose job may still be alive, so no two jobs write one run folder.
+SUBMITTABLE = ("not submitted", "failed")
+
+
+class LaunchError(ValueError):
+    """Flags or a task that cannot be launched; the message says what to pass instead."""
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+def available_tasks() -> list[str]:
+    def exists(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its package is missing too
+            return False
+    return [task for task, module in TASKS.items() if exists(module)]
+
+
+def load_task(task: str):
+    """The training module of `task`, with a clear error for unknown tasks and tasks without a train.py yet."""
+    if task not in TASKS:
+        planned = [t for t in TASKS if t not in available_tasks()]
+        raise LaunchError(f"unknown task {task!r}; tasks: {', '.join(available_tasks())}"
+                          + (f" ({', '.join(planned)}: no train.py yet)" if planned else "")
+                          + f". A new task is one line in TASKS in {__file__}")
+    module_name = TASKS[task]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        parts = module_name.split(".")
+        if err.name not in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+            raise LaunchError(f"task {task!r} needs the package {err.name!r}, which is not installed here ({err}); "
+                              f"see the task's README for how to install it") from err
+        raise LaunchError(f"task {task!r} has no training script yet ({module_name.replace('.', '/')}.py does not "
+                          f"exist); tasks available now: {', '.join(available_tasks())}") from None
+    missing = [name for name in ("get_args_parser", "main", "default_output_dir") if not hasattr(module, name)]
+    if missing:
+        raise LaunchError(f"{module_name} lacks {', '.join(missing)}: a task module provides get_args_parser("
+                          f"add_help), main(args) and default_output_dir(args)")
+    return module
+
+
+class Trainer:
+    """What each SLURM task runs: the task's main(args), like DeiT's run_with_submitit.Trainer.
+
+    main() joins the job's process group by itself from SLURM's variables (common/dist.py), so one call per task
+    is all there is. On preemption or timeout submitit calls checkpoint() in task 0 and requeues the job with what
+    it returns; main() then resumes from output_dir/checkpoint.pth (saved after every epoch), so at most the epoch in
+    progress is redone.
+    """
+
+    def __init__(self, task: str, args: argparse.Namespace) -> None:
+        self.task = task
+        self.args = args
+
+    def __call__(self):
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:
+            # Without CPU binding torch would start one thread per core of the node in every task.
+            import torch
+            torch.set_num_threads(int(cpus))
+        return load_task(self.task).main(self.args)
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        print(f"requeueing: {self.args.output_dir} will resume from its checkpoint.pth", flush=True)
+        return submitit.helpers.DelayedSubmission(type(self)(self.task, self.args))
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    cluster = parser.add_argument_group("SLURM (each passed to sbatch only when given: your cluster's defaults apply)")
+    cluster.add_argument("--nodes", type=int, default=None, help="nodes per run (DDP across them)")
+    cluster.add_argument("--gpus_per_node", type=int, default=None, help="GPUs per node")
+    cluster.add_argument("--ntasks_per_node", type=int, default=None,
+                         help="processes per node, one per GPU (default: --gpus_per_node, or 1 without GPUs)")
+    cluster.add_argument("--cpus_per_task", type=int, default=None, help="CPUs per process")
+    cluster.add_argument("--mem_gb", type=float, default=None, help="memory per node in GB")
+    cluster.add_argument("--timeout_min", type=int, default=None,
+                         help="time limit of each job in minutes (required to submit; at most the partition's, see "
+                              "`sinfo -o '%%P %%l'`); a run that needs longer is requeued and resumes")
+    cluster.add_argument("--partition", default=None, help="SLURM partition")
+    cluster.add_argument("--account", default=None, help="SLURM account")
+    cluster.add_argument("--qos", default=None, help="SLURM quality of service")
+    cluster.add_argument("--constraint", default=None, help="SLURM node constraint (e.g. a GPU type feature)")
+    cluster.add_argument("--job_dir", default=None,
+                         help="submitit's folder for job scripts and logs (%%j: the job id); default "
+                              "./output/slurm/%%j, beside the runs' default output_dirs")
+    cluster.add_argument("--array_parallelism", type=int, default=None,
+                         help="at most this many runs of a sweep at once (submitit's default: 256)")
+    runs = parser.add_argument_group("runs (a sweep or several seeds go out as one job array)")
+    runs.add_argument("--sweep", default=None, help="a named sweep: " + "; ".join(
+        f"{name} ({sweep.task}): {sweep.help}" for name, sweep in SWEEPS.items()))
+    runs.add_argument("--pairs", nargs="+", default=None, metavar="TEACHER:STUDENT",
+                      help="these pairs instead of the sweep's (a subset, or pairs of your own)")
+    runs.add_argument("--methods", nargs="+", default=None, help="only these methods (default: the sweep's)")
+    runs.add_argument("--seeds", nargs="+", type=int, default=None,
+                      help=f"one run per seed (default: {' '.join(map(str, SWEEP_SEEDS))} for a sweep, else --seed)")
+    runs.add_argument("--dry_run", action="store_true",
+                      help="print each run (state, output_dir, equivalent command) and the sbatch parameters; "
+                           "submit nothing")
+    runs.add_argument("--status", action="store_true",
+                      help="print the state of each run these flags describe (done with top-1, running with its "
+                           "epoch, pending, failed with its error log, not submitted) and submit nothing")
+
+
+def get_args_parser(task: str) -> argparse.ArgumentParser:
+    module = load_task(task)
+    parser = argparse.ArgumentParser(f"python slurm/launch.py {task}", parents=[module.get_args_parser(add_help=False)],
+                                     description=f"Submit {task} training runs to SLURM.")
+    add_launch_arguments(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:
+    """(task, namespace holding the task's flags and the launcher's)."""
+    argv = list(argv)
+    if not argv or argv[0].startswith("-"):
+        usage = "\n".join([
+            "usage: python slurm/launch.py TASK [--sweep NAME] [train.py flags] [SLURM flags]",
+            f"  TASK: {', '.join(available_tasks())}",
+            "  sweeps: " + "; ".join(f"{name} ({sweep.task})" for name, sweep in SWEEPS.items()),
+            "  all flags of a task: python slurm/launch.py TASK -h",
+        ])
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            raise SystemExit(0)
+        raise LaunchError(f"name the task first.\n{usage}")
+    return argv[0], get_args_parser(argv[0]).parse_args(argv[1:])
+
+
+def task_namespace(task_parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Only the task's own flags (what its main() gets), unchanged."""
+    return argparse.Namespace(**{a.dest: getattr(args, a.dest) for a in task_parser._actions if a.dest != "help"})
+
+
+def namespace_to_argv(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> list[str]:
+    """The flags that make `parser` parse to `namespace` (only those that differ from the defaults)."""
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(namespace, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs == 0:  # store_true / store_false / store_const
+            argv.append(flag)
+        elif value is None:
+            raise LaunchError(f"{flag} is None, which no command line can express")
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def executor_parameters(args: argparse.Namespace, name: str) -> dict:
+    """submitit AutoExecutor parameters from the SLURM flags; flags left out are not passed."""
+    tasks_per_node = args.ntasks_per_node if args.ntasks_per_node is not None else (args.gpus_per_node or 1)
+    params = {
+        "name": name, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "tasks_per_node": tasks_per_node,
+        "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb, "timeout_min": args.timeout_min,
+        "slurm_partition": args.partition, "slurm_account": args.account, "slurm_qos": args.qos,
+        "slurm_constraint": args.constraint, "slurm_array_parallelism": args.array_parallelism,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Run:
+    task: str
+    args: argparse.Namespace  # the task's flags for this run; output_dir absolute
+    command: tuple[str, ...]  # the equivalent command line, without SLURM
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def name(self) -> str:
+        return os.path.relpath(self.args.output_dir)
+
+
+def sweep_pairs(sweep: Sweep) -> list[tuple[str, str]]:
+    """The (teacher, student) pairs of a sweep, in the order of the task's paper_results.csv."""
+    rows = importlib.import_module(f"{sweep.task}.report").load_paper_results()
+    pairs = list(dict.fromkeys((row["teacher"], row["student"]) for row in rows if row["source"] == sweep.source))
+    if not pairs:
+        raise LaunchError(f"{sweep.task}/paper_results.csv has no rows with source {sweep.source!r}")
+    return pairs
+
+
+def _choices(parser: argparse.ArgumentParser, dest: str) -> Sequence[str] | None:
+    return next((a.choices for a in parser._actions if a.dest == dest), None)
+
+
+def varied_settings(args: argparse.Namespace, task: str, task_parser: argparse.ArgumentParser) -> list[dict]:
+    """One dict of overrides per run: pairs x methods x seeds, or [{}] for a single run of the flags as given."""
+    sweep = None
+    if args.sweep is not None:
+        if args.sweep not in SWEEPS:
+            raise LaunchError(f"unknown sweep {args.sweep!r}; sweeps: " + "; ".join(
+                f"{name} ({s.task}): {s.help}" for name, s in SWEEPS.items()))
+        sweep = SWEEPS[args.sweep]
+        if sweep.task != task:
+            raise LaunchError(f"sweep {args.sweep!r} is a {sweep.task} sweep: python slurm/launch.py {sweep.task} ...")
+    if args.pairs is None and args.methods is None and args.seeds is None and sweep is None:
+        return [{}]
+    missing = [dest for dest in VARIED if not hasattr(args, dest)]
+    if missing:
+        raise LaunchError(f"task {task!r} has no --{', --'.join(missing)}: --sweep/--pairs/--methods/--seeds "
+                          f"do not apply; submit its runs one by one")
+    given = {dest for dest in VARIED if getattr(args, dest) != task_parser.get_default(dest)}
+    pairs = [_parse_pair(p, task_parser) for p in args.pairs] if args.pairs else (sweep_pairs(sweep) if sweep else None)
+    methods = args.methods or (list(sweep.methods) if sweep else None)
+    seeds = args.seeds or (list(SWEEP_SEEDS) if sweep else None)
+    for varied, dests, instead in ((pairs, {"teacher", "student"}, "--pairs"), (methods, {"method"}, "--methods"),
+                                   (seeds, {"seed"}, "--seeds")):
+        if varied and given & dests:
+            flags = ", ".join(f"--{d}" for d in sorted(given & dests))
+            raise LaunchError(f"{flags} and {instead} (or --sweep) both set the same thing: pass only {instead}")
+    method_choices = _choices(task_parser, "method")
+    unknown = [m for m in methods or () if method_choices and m not in method_choices]
+    if unknown:
+        raise LaunchError(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(method_choices)}")
+    settings = []
+    for teacher, student in pairs or [(args.teacher, args.student)]:
+        for method in methods or [args.method]:
+            for seed in seeds or [args.seed]:
+                # ce trains the student alone: no teacher, and one run per student whatever the pair.
+                settings.append({"teacher": None if method == "ce" else teacher, "student": student,
+                                 "method": method, "seed": seed})
+    return settings
+
+
+def _parse_pair(text: str, task_parser: argparse.ArgumentParser) -> tuple[str, str]:
+    teacher, sep, student = text.partition(":")
+    if not sep or not teacher or not student:
+        raise LaunchError(f"--pairs takes TEACHER:STUDENT, e.g. resnet56:resnet20; got {text!r}")
+    archs = _choices(task_parser, "student")
+    bad = [a for a in (teacher, student) if archs and a not in archs]
+    if bad:
+        raise LaunchError(f"unknown architecture(s) {', '.join(bad)} in --pairs {text}; choices: {', '.join(archs)}")
+    return teacher, student
+
+
+def expand_runs(task: str, args: argparse.Namespace) -> list[Run]:
+    """The runs the flags describe, each with its absolute output_dir; runs sharing an output_dir appear once."""
+    module = load_task(task)
+    task_parser = module.get_args_parser(add_help=False)
+    base = task_namespace(task_parser, args)
+    settings = varied_settings(args, task, task_parser)
+    if len(settings) > 1 and base.output_dir is not None:
+        raise LaunchError("--output_dir names one run's folder, but these flags describe several runs: leave it out "
+                          "(each run gets its own under ./output/; run the launcher where output/ should be)")
+    runs, seen = [], set()
+    for overrides in settings:
+        run_args = argparse.Namespace(**{**vars(base), **overrides})
+        output_dir = os.path.abspath(run_args.output_dir or module.default_output_dir(run_args))
+        if output_dir in seen:
+            continue
+        seen.add(output_dir)
+        run_args = argparse.Namespace(**{**vars(run_args), "output_dir": output_dir})
+        command = ("python", "-m", TASKS[task], *namespace_to_argv(task_parser, run_args))
+        runs.append(Run(task, run_args, command))
+    return runs
+
+
+def default_job_dir(task: str) -> str:
+    """./output/slurm/%j: beside the runs' default output_dirs (output/<task>/...)."""
+    module = load_task(task)
+    root = Path(module.default_output_dir(module.get_args_parser(add_help=False).parse_args([]))).parts[0]
+    return os.path.abspath(os.path.join(root, "slurm", "%j"))
+
+
+# ---------------------------------------------------------------------------------------------------- state
+def squeue_states() -> tuple[dict[str, str] | None, str]:
+    """{job id: SLURM state} of this user's queued and running jobs (array tasks one by one), or (None, why not)."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return None, "squeue not found (not on a SLURM cluster)"
+    try:
+        proc = subprocess.run([squeue, "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None, "squeue did not answer within 60 s"
+    if proc.returncode != 0:
+        return None, f"squeue failed: {proc.stderr.strip()}"
+    return dict(line.split("|", 1) for line in proc.stdout.split()), ""
+
+
+def _progress(run: Run) -> str:
+    log = run.output_dir / "log.txt"
+    if not log.exists():
+        return "not started"
+    try:
+        with warnings.catch_warnings():  # a running job may be writing the last line right now
+            warnings.simplefilter("ignore")
+            entries = read_jsonl(log)
+    except (OSError, ValueError) as err:
+        return f"log.txt unreadable ({err})"
+    epochs = getattr(run.args, "epochs", "?")
+    return f"epoch {entries[-1]['epoch'] + 1}/{epochs}" if entries else f"epoch 0/{epochs}"
+
+
+def _tail(path: str | os.PathLike, lines: int = 10) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as err:
+        return f"<{path}: {err.strerror}>"
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def run_state(run: Run, queue: dict[str, str] | None) -> tuple[str, str]:
+    """(state, detail): done, running, pending, failed, not submitted, or unknown (no scheduler to ask).
+
+    `queue` must be read before this is called: a job that leaves the queue has written done.json by then.
+    """
+    done = run.output_dir / "done.json"
+    if done.exists():
+        summary = json.loads(done.read_text())
+        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1") if key in summary]
+        return "done", ", ".join(scores)
+    record_path = run.output_dir / JOB_RECORD
+    if not record_path.exists():
+        return "not submitted", _progress(run) if (run.output_dir / "log.txt").exists() else ""
+    record = json.loads(record_path.read_text())
+    job_id = record["job_id"]
+    if queue is None or record.get("cluster", "slurm") != "slurm":
+        return "unknown", f"job {job_id}, {_progress(run)}"
+    slurm_state = queue.get(job_id)
+    if slurm_state in QUEUE_RUNNING:
+        return "running", f"job {job_id}, {_progress(run)}"
+    if slurm_state is not None:
+        return "pending", f"job {job_id} {slurm_state}, {_progress(run)}"
+    stderr = record.get("stderr", "")
+    tail = "\n".join("    | " + line for line in _tail(stderr).splitlines())
+    return "failed", f"job {job_id} left the queue without done.json ({_progress(run)}); tail of {stderr}:\n{tail}"
+
+
+def run_states(runs: Sequence[Run]) -> list[tuple[Run, str, str]]:
+    queue = {}
+    if any((run.output_dir / JOB_RECORD).exists() for run in runs):  # else no need to ask the scheduler
+        queue, why = squeue_states()
+        if queue is None:
+            print(f"warning: cannot read the queue ({why}); submitted runs that are not done show as unknown")
+    return [(run, *run_state(run, queue)) for run in runs]
+
+
+def summarise(states: Sequence[tuple[Run, str, str]]) -> str:
+    order = ("done", "running", "pending", "failed", "not submitted", "unknown")
+    counts = {name: sum(1 for _, state, _ in states if state == name) for name in order}
+    runs = f"{len(states)} run{'s' if len(states) != 1 else ''}"
+    return f"{runs}: " + ", ".join(f"{counts[name]} {name}" for name in order if counts[name])
+
+
+def print_status(runs: Sequence[Run]) -> list[tuple[Run, str, str]]:
+    states = run_states(runs)
+    width = max([len(run.name) for run in runs] + [3])
+    for run, state, detail in states:
+        print(f"{state:<13} {run.name:<{width}}  {detail}")
+    print(summarise(states))
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------- submission
+def dry_run(task: str, runs: Sequence[Run], args: argparse.Namespace) -> list[tuple[Run, str, str]]:
+    states = run_states(runs)
+    for run, state, detail in states:
+        print(f"[{state}] {run.output_dir}" + (f"  ({detail.splitlines()[0]})" if detail else ""))
+        print(f"    {shlex.join(run.command)}")
+    todo = [run for run, state, _ in states if state in SUBMITTABLE]
+    print(f"dry run: {summarise(states)}; would submit {len(todo)} (as one job array when more than one) with "
+          f"{executor_parameters(args, job_name(task, args))} and job_dir {args.job_dir or default_job_dir(task)}")
+    return states
+
+
+def job_name(task: str, args: argparse.Namespace) -> str:
+    return f"{task}-{args.sweep}" if args.sweep else task
+
+
+def submit(task: str, runs: Sequence[Run], args: argparse.Namespace, cluster: str | None = None,
+           argv: Sequence[str] = ()) -> list[submitit.Job]:
+    """Submits the runs that are neither finished nor queued, as one job (array); returns the submitted jobs.
+
+    `cluster` is submitit's: None means SLURM (an error elsewhere); "local" or "debug" run the jobs on this machine.
+    """
+    if args.timeout_min is None:
+        raise LaunchError("pass --timeout_min (each job's time limit in minutes, at most your partition's: "
+                          "`sinfo -o '%P %l'`); a run that needs longer is requeued and resumes")
+    states = run_states(runs)
+    todo = [run for run, state, _ in states if state in SUBMITTABLE]
+    finished = sum(1 for _, state, _ in states if state == "done")
+    active = sum(1 for _, state, _ in states if state in ("running", "pending"))
+    unknown = sum(1 for _, state, _ in states if state == "unknown")
+    if finished:
+        print(f"skipped {finished} finished run(s) (done.json exists)")
+    if active:
+        print(f"skipped {active} run(s) whose job is still queued or running")
+    if unknown:
+        print(f"skipped {unknown} submitted run(s) whose job state is unknown; delete their {JOB_RECORD} to resubmit")
+    if not todo:
+        print("nothing to submit")
+        return []
+    job_dir = os.path.abspath(args.job_dir) if args.job_dir else default_job_dir(task)
+    try:
+        executor = submitit.AutoExecutor(folder=job_dir, cluster=cluster)
+    except RuntimeError as err:
+        raise LaunchError(f"no SLURM here ({err}): run on the cluster's login node, or train without SLURM: "
+                          f"python -m {TASKS[task]} ... or torchrun") from None
+    if cluster is None and executor.cluster != "slurm":
+        raise LaunchError(f"submitit found no SLURM (it picked {executor.cluster!r}): run on the cluster's login node")
+    executor.update_parameters(**executor_parameters(args, job_name(task, args)))
+    try:
+        jobs = executor.submit_array([Trainer(task, run.args) for run in todo])
+    except (FailedJobError, FailedSubmissionError, OSError) as err:
+        raise LaunchError(f"sbatch refused the job: {err}\nCheck --partition, --account, --qos, --constraint and "
+                          f"that the resources fit a node (`sinfo -o '%P %c %m %G %l'`).") from None
+    submitted = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    for run, job in zip(todo, jobs):
+        job_id = str(job.job_id)
+        array_id, _, index = job_id.partition("_")
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic({"job_id": job_id, "array_job_id": array_id if index else None,
+                           "array_index": int(index) if index else None, "cluster": executor.cluster,
+                           "job_dir": str(job_dir), "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+                           "submitted": submitted, "launcher_argv": ["slurm/launch.py", *argv],
+                           "command": list(run.command)}, run.output_dir / JOB_RECORD)
+        print(f"job {job_id}: {run.output_dir}\n    logs: {job.paths.stdout} (.err beside it)")
+    first = str(jobs[0].job_id).split("_")[0]
+    kind = f"job array {first} ({len(jobs)} runs)" if len(jobs) > 1 else f"job {first}"
+    logs = job_dir.replace("%j", first + ("_*" if len(jobs) > 1 else ""))
+    print(f"submitted {kind} to {executor.cluster}; logs in {logs}\nstate of every run: the same command with --status")
+    return jobs
+
+
+def main(argv: Sequence[str] | None = None, cluster: str | None = None) -> list:
+    """Submits and returns the jobs, or with --dry_run / --status prints and returns [(run, state, detail), ...]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task, args = parse_args(argv)
+    runs = expand_runs(task, args)
+    if args.status:
+        return print_status(runs)
+    if args.dry_run:
+        return dry_run(task, runs, args)
+    return submit(task, runs, args, cluster=cluster, argv=argv)
+
+
+def cli() -> None:
+    try:
+        main()
+    except LaunchError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    # Run the copy imported as slurm.launch: submitit pickles Trainer by reference, and jobs can import
+    # slurm.launch but not this script's __main__.
+    from slurm.launch import cli as launch_cli
+    launch_cli()
