@@ -36,6 +36,7 @@ from cifar100.teachers import ZOO_TOP1, ZOO_URL, TeacherNotFoundError, resolve_t
 from common import dist
 from common.checkpoint import (
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     load_zoo_weights,
     rng_state,
@@ -45,7 +46,7 @@ from common.checkpoint import (
     unwrap_model,
 )
 from common.features import FeatureTaps
-from common.logging import MetricLogger, SmoothedValue, append_jsonl, run_metadata, write_json_atomic
+from common.logging import MetricLogger, SmoothedValue, append_jsonl, read_jsonl, run_metadata, write_json_atomic
 from common.losses import DKDLoss, KDLoss, RCKALoss
 
 METHODS = ("ce", "kd", "dkd", "fcka", "lcka", "rcka")
@@ -276,6 +277,8 @@ def main(args: argparse.Namespace) -> dict:
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         start_epoch, best_acc1, best_epoch = checkpoint["epoch"] + 1, checkpoint["best_acc1"], checkpoint["best_epoch"]
         set_rng_state(checkpoint["rng"])
+        if dist.is_main_process():
+            truncate_log(output_dir / "log.txt", start_epoch)
         dist.print_main(f"resumed from {resume_path} at epoch {start_epoch}/{args.epochs} (best top-1 so far {best_acc1:.2f})")
 
     # ------------------------------------------------------------ evaluate-only exit
@@ -373,6 +376,16 @@ class TeacherCheckError(RuntimeError):
 
 class UsageError(ValueError):
     """Flags that do not fit together; the message says which and what to pass instead."""
+
+
+def truncate_log(path: Path, start_epoch: int) -> None:
+    """Drop log lines of epochs >= start_epoch: a run killed after logging an epoch but before checkpointing it
+    redoes that epoch, which would otherwise appear twice."""
+    if not path.exists():
+        return
+    kept = [entry for entry in read_jsonl(path) if entry["epoch"] < start_epoch]
+    with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in kept)
 
 
 def state_dict_sha256(model: nn.Module) -> str:

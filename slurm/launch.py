@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 import submitit
+import submitit.slurm.slurm
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from common.logging import read_jsonl, write_json_atomic
@@ -106,6 +108,21 @@ def load_task(task: str):
     return module
 
 
+def requeue_ignoring_sigterm(self, countdown: int) -> None:
+    """submitit's ``SlurmJobEnvironment._requeue``, with ``scontrol requeue`` deaf to SIGTERM.
+
+    ``scontrol requeue`` makes SLURM kill the job's processes at once, and scontrol is one of them. When that
+    SIGTERM lands before scontrol has exited (about 1 requeue in 20 on our test cluster), submitit's check_call
+    raises out of the signal handler and the task records a *failed* result although SLURM did requeue the job.
+    An ignored signal stays ignored through exec, so scontrol finishes; SLURM's SIGKILL after KillWait still applies.
+    """
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        subprocess.check_call(["scontrol", "requeue", self.job_id], timeout=60)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Trainer:
     """What each SLURM task runs: the task's main(args), like DeiT's run_with_submitit.Trainer.
 
@@ -120,6 +137,7 @@ class Trainer:
         self.args = args
 
     def __call__(self):
+        submitit.slurm.slurm.SlurmJobEnvironment._requeue = requeue_ignoring_sigterm
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus and "OMP_NUM_THREADS" not in os.environ:
             # Without CPU binding torch would start one thread per core of the node in every task.

@@ -270,3 +270,16 @@ def test_compile_trains_and_taps_still_record_features(cifar_root, zoo_dir, tmp_
                          "--epochs", "1", "--compile"))
     log = read_log(out / "log.txt")
     assert log[0]["train_fcka"] > 0 and (out / "done.json").is_file()
+
+
+def test_epoch_logged_but_not_checkpointed_is_logged_once_after_resume(cifar_root, tmp_path):
+    # A kill between the epoch's log line and its checkpoint makes the resumed run redo that epoch.
+    out = tmp_path / "run"
+    train.main(make_args(cifar_root, out, "--student", "resnet8", "--epochs", "2"))
+    (out / "done.json").unlink()
+    with open(out / "log.txt", "a") as f:
+        f.write(json.dumps({"epoch": 2, "test_acc1": -1.0}) + "\n")
+    train.main(make_args(cifar_root, out, "--student", "resnet8", "--epochs", "3"))
+    log = read_log(out / "log.txt")
+    assert [entry["epoch"] for entry in log] == [0, 1, 2]
+    assert log[-1]["test_acc1"] >= 0

@@ -10,7 +10,6 @@ jobs' results from its own files, which is all these tests need.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import cloudpickle
 import pytest
 import submitit
 from slurm_cluster import SlurmCluster, free_ports
+
+from slurm.launch import requeue_ignoring_sigterm
 
 pytestmark = pytest.mark.slurm
 
@@ -61,26 +62,10 @@ def all_reduce_rank_plus_one(master_port: int) -> dict:
         dist.destroy_process_group()
 
 
-def requeue_ignoring_sigterm(self, countdown: int) -> None:
-    """submitit's SlurmJobEnvironment._requeue, with `scontrol requeue` deaf to SIGTERM.
-
-    `scontrol requeue` makes SLURM kill the job's processes at once, and scontrol is one of them:
-    when that SIGTERM comes before scontrol has exited (seen about 1 run in 20 here), check_call
-    raises CalledProcessError out of the signal handler, the task writes a *failed* result although
-    SLURM did requeue the job, and the caller sees a failed job. An ignored signal stays ignored
-    through exec, so scontrol finishes (SLURM's SIGKILL after KillWait still applies).
-    """
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        subprocess.check_call(["scontrol", "requeue", self.job_id], timeout=60)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class StepCounter(submitit.helpers.Checkpointable):
     """Counts to `steps`, saving its progress to `workdir/progress` after each step.
 
-    In the job it swaps in `requeue_ignoring_sigterm` (see there). Each (re)start appends "<progress at start> <SLURM_RESTART_COUNT>" to `workdir/starts`. On
+    In the job it swaps in the launcher's `requeue_ignoring_sigterm` (see there). Each (re)start appends "<progress at start> <SLURM_RESTART_COUNT>" to `workdir/starts`. On
     preemption, Checkpointable.checkpoint resubmits the same call; the requeued run reads the
     saved progress and goes on from there.
     """
