@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import getpass
 import importlib
 import importlib.util
-import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +31,11 @@ import submitit
 import submitit.slurm.slurm
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from common.logging import read_jsonl, write_json_atomic
+from common.logging import write_json_atomic
+from slurm.status import JOB_RECORD, print_status, run_state, run_states, summarise
+from slurm.sweeps import SWEEP_SEEDS, SWEEPS, LaunchError, Run, varied_settings
+
+__all__ = ["LaunchError", "Run", "Trainer", "executor_parameters", "expand_runs", "main", "parse_args", "run_state"]
 
 # Task name -> its training module, which provides get_args_parser(add_help), main(args) and default_output_dir(args).
 # A new task is one line here.
@@ -47,31 +46,8 @@ TASKS = {
 }
 
 
-@dataclass(frozen=True)
-class Sweep:
-    task: str
-    source: str  # the rows of <task>/paper_results.csv (column `source`) whose teacher/student pairs are swept
-    methods: tuple[str, ...]
-    help: str
-
-
-SWEEPS = {
-    "table1": Sweep("cifar100", "rcka_table1", ("ce", "kd", "dkd", "fcka", "lcka", "rcka"),
-                    "the paper's Table 1 pairs x ce, kd, dkd, fcka, lcka, rcka (ce: each student alone, once)"),
-    "baselines13": Sweep("cifar100", "crd_dkd_baselines", ("kd", "dkd", "rcka"),
-                         "the 13 standard CRD/DKD pairs x kd, dkd, rcka"),
-}
-SWEEP_SEEDS = (0, 1, 2)
-# The settings a sweep varies; a task needs these flags for --sweep, --pairs and --methods.
-VARIED = ("teacher", "student", "method", "seed")
-QUEUE_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING"}
-JOB_RECORD = "slurm_job.json"
 # Runs that (re)submission sends: never one whose job may still be alive, so no two jobs write one run folder.
 SUBMITTABLE = ("not submitted", "failed")
-
-
-class LaunchError(ValueError):
-    """Flags or a task that cannot be launched; the message says what to pass instead."""
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -253,84 +229,6 @@ def executor_parameters(args: argparse.Namespace, name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-@dataclass(frozen=True)
-class Run:
-    task: str
-    args: argparse.Namespace  # the task's flags for this run; output_dir absolute
-    command: tuple[str, ...]  # the equivalent command line, without SLURM
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.args.output_dir)
-
-    @property
-    def name(self) -> str:
-        return os.path.relpath(self.args.output_dir)
-
-
-def sweep_pairs(sweep: Sweep) -> list[tuple[str, str]]:
-    """The (teacher, student) pairs of a sweep, in the order of the task's paper_results.csv."""
-    rows = importlib.import_module(f"{sweep.task}.report").load_paper_results()
-    pairs = list(dict.fromkeys((row["teacher"], row["student"]) for row in rows if row["source"] == sweep.source))
-    if not pairs:
-        raise LaunchError(f"{sweep.task}/paper_results.csv has no rows with source {sweep.source!r}")
-    return pairs
-
-
-def _choices(parser: argparse.ArgumentParser, dest: str) -> Sequence[str] | None:
-    return next((a.choices for a in parser._actions if a.dest == dest), None)
-
-
-def varied_settings(args: argparse.Namespace, task: str, task_parser: argparse.ArgumentParser) -> list[dict]:
-    """One dict of overrides per run: pairs x methods x seeds, or [{}] for a single run of the flags as given."""
-    sweep = None
-    if args.sweep is not None:
-        if args.sweep not in SWEEPS:
-            raise LaunchError(f"unknown sweep {args.sweep!r}; sweeps: " + "; ".join(
-                f"{name} ({s.task}): {s.help}" for name, s in SWEEPS.items()))
-        sweep = SWEEPS[args.sweep]
-        if sweep.task != task:
-            raise LaunchError(f"sweep {args.sweep!r} is a {sweep.task} sweep: python slurm/launch.py {sweep.task} ...")
-    if args.pairs is None and args.methods is None and args.seeds is None and sweep is None:
-        return [{}]
-    missing = [dest for dest in VARIED if not hasattr(args, dest)]
-    if missing:
-        raise LaunchError(f"task {task!r} has no --{', --'.join(missing)}: --sweep/--pairs/--methods/--seeds "
-                          f"do not apply; submit its runs one by one")
-    given = {dest for dest in VARIED if getattr(args, dest) != task_parser.get_default(dest)}
-    pairs = [_parse_pair(p, task_parser) for p in args.pairs] if args.pairs else (sweep_pairs(sweep) if sweep else None)
-    methods = args.methods or (list(sweep.methods) if sweep else None)
-    seeds = args.seeds or (list(SWEEP_SEEDS) if sweep else None)
-    for varied, dests, instead in ((pairs, {"teacher", "student"}, "--pairs"), (methods, {"method"}, "--methods"),
-                                   (seeds, {"seed"}, "--seeds")):
-        if varied and given & dests:
-            flags = ", ".join(f"--{d}" for d in sorted(given & dests))
-            raise LaunchError(f"{flags} and {instead} (or --sweep) both set the same thing: pass only {instead}")
-    method_choices = _choices(task_parser, "method")
-    unknown = [m for m in methods or () if method_choices and m not in method_choices]
-    if unknown:
-        raise LaunchError(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(method_choices)}")
-    settings = []
-    for teacher, student in pairs or [(args.teacher, args.student)]:
-        for method in methods or [args.method]:
-            for seed in seeds or [args.seed]:
-                # ce trains the student alone: no teacher, and one run per student whatever the pair.
-                settings.append({"teacher": None if method == "ce" else teacher, "student": student,
-                                 "method": method, "seed": seed})
-    return settings
-
-
-def _parse_pair(text: str, task_parser: argparse.ArgumentParser) -> tuple[str, str]:
-    teacher, sep, student = text.partition(":")
-    if not sep or not teacher or not student:
-        raise LaunchError(f"--pairs takes TEACHER:STUDENT, e.g. resnet56:resnet20; got {text!r}")
-    archs = _choices(task_parser, "student")
-    bad = [a for a in (teacher, student) if archs and a not in archs]
-    if bad:
-        raise LaunchError(f"unknown architecture(s) {', '.join(bad)} in --pairs {text}; choices: {', '.join(archs)}")
-    return teacher, student
-
-
 def expand_runs(task: str, args: argparse.Namespace) -> list[Run]:
     """The runs the flags describe, each with its absolute output_dir; runs sharing an output_dir appear once."""
     module = load_task(task)
@@ -358,96 +256,6 @@ def default_job_dir(task: str) -> str:
     module = load_task(task)
     root = Path(module.default_output_dir(module.get_args_parser(add_help=False).parse_args([]))).parts[0]
     return os.path.abspath(os.path.join(root, "slurm", "%j"))
-
-
-# ---------------------------------------------------------------------------------------------------- state
-def squeue_states() -> tuple[dict[str, str] | None, str]:
-    """{job id: SLURM state} of this user's queued and running jobs (array tasks one by one), or (None, why not)."""
-    squeue = shutil.which("squeue")
-    if squeue is None:
-        return None, "squeue not found (not on a SLURM cluster)"
-    try:
-        proc = subprocess.run([squeue, "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
-                              capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return None, "squeue did not answer within 60 s"
-    if proc.returncode != 0:
-        return None, f"squeue failed: {proc.stderr.strip()}"
-    return dict(line.split("|", 1) for line in proc.stdout.split()), ""
-
-
-def _progress(run: Run) -> str:
-    log = run.output_dir / "log.txt"
-    if not log.exists():
-        return "not started"
-    try:
-        with warnings.catch_warnings():  # a running job may be writing the last line right now
-            warnings.simplefilter("ignore")
-            entries = read_jsonl(log)
-    except (OSError, ValueError) as err:
-        return f"log.txt unreadable ({err})"
-    epochs = getattr(run.args, "epochs", "?")
-    return f"epoch {entries[-1]['epoch'] + 1}/{epochs}" if entries else f"epoch 0/{epochs}"
-
-
-def _tail(path: str | os.PathLike, lines: int = 10) -> str:
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError as err:
-        return f"<{path}: {err.strerror}>"
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def run_state(run: Run, queue: dict[str, str] | None) -> tuple[str, str]:
-    """(state, detail): done, running, pending, failed, not submitted, or unknown (no scheduler to ask).
-
-    `queue` must be read before this is called: a job that leaves the queue has written done.json by then.
-    """
-    done = run.output_dir / "done.json"
-    if done.exists():
-        summary = json.loads(done.read_text())
-        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1") if key in summary]
-        return "done", ", ".join(scores)
-    record_path = run.output_dir / JOB_RECORD
-    if not record_path.exists():
-        return "not submitted", _progress(run) if (run.output_dir / "log.txt").exists() else ""
-    record = json.loads(record_path.read_text())
-    job_id = record["job_id"]
-    if queue is None or record.get("cluster", "slurm") != "slurm":
-        return "unknown", f"job {job_id}, {_progress(run)}"
-    slurm_state = queue.get(job_id)
-    if slurm_state in QUEUE_RUNNING:
-        return "running", f"job {job_id}, {_progress(run)}"
-    if slurm_state is not None:
-        return "pending", f"job {job_id} {slurm_state}, {_progress(run)}"
-    stderr = record.get("stderr", "")
-    tail = "\n".join("    | " + line for line in _tail(stderr).splitlines())
-    return "failed", f"job {job_id} left the queue without done.json ({_progress(run)}); tail of {stderr}:\n{tail}"
-
-
-def run_states(runs: Sequence[Run]) -> list[tuple[Run, str, str]]:
-    queue = {}
-    if any((run.output_dir / JOB_RECORD).exists() for run in runs):  # else no need to ask the scheduler
-        queue, why = squeue_states()
-        if queue is None:
-            print(f"warning: cannot read the queue ({why}); submitted runs that are not done show as unknown")
-    return [(run, *run_state(run, queue)) for run in runs]
-
-
-def summarise(states: Sequence[tuple[Run, str, str]]) -> str:
-    order = ("done", "running", "pending", "failed", "not submitted", "unknown")
-    counts = {name: sum(1 for _, state, _ in states if state == name) for name in order}
-    runs = f"{len(states)} run{'s' if len(states) != 1 else ''}"
-    return f"{runs}: " + ", ".join(f"{counts[name]} {name}" for name in order if counts[name])
-
-
-def print_status(runs: Sequence[Run]) -> list[tuple[Run, str, str]]:
-    states = run_states(runs)
-    width = max([len(run.name) for run in runs] + [3])
-    for run, state, detail in states:
-        print(f"{state:<13} {run.name:<{width}}  {detail}")
-    print(summarise(states))
-    return states
 
 
 # ---------------------------------------------------------------------------------------------------- submission
