@@ -43,7 +43,6 @@ from common.checkpoint import (
     save_atomic,
     save_zoo_weights,
     set_rng_state,
-    unwrap_model,
 )
 from common.features import FeatureTaps
 from common.logging import MetricLogger, SmoothedValue, append_jsonl, read_jsonl, run_metadata, write_json_atomic

@@ -163,3 +163,19 @@ def written_md5s(root: str | Path) -> dict[str, str]:
 def tiny_cifar100(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Session-wide fake CIFAR-100 root (500 train / 200 test images); treat it as read-only."""
     return write_fake_cifar100(tmp_path_factory.mktemp("cifar100"), n_train=500, n_test=200, seed=0)
+
+
+def write_teacher_zoo(root: str | Path, arch: str = "resnet8", seed: int = 123, acc: float | None = 1.0) -> Path:
+    """A teacher zoo laid out like the unpacked public archive: root/cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth."""
+    import torch
+
+    from cifar100.models import build_model
+
+    path = Path(root) / "cifar_teachers" / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    checkpoint = {"model": build_model(arch).state_dict()}
+    if acc is not None:
+        checkpoint["acc"] = acc
+    torch.save(checkpoint, path)
+    return Path(root)

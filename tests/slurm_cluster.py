@@ -471,6 +471,50 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         cluster.stop()
 
 
+# ------------------------------------------------------------------------------------- waiting on jobs in tests
+JOB_TIMEOUT_S = 120.0
+
+
+def describe(cluster: SlurmCluster, *jobs) -> str:
+    """The jobs' SLURM state, stdout and stderr, and the daemon logs: what a failure message needs."""
+    parts = []
+    for job in jobs:
+        if job is None:
+            continue
+        parts.append(f"=== scontrol show job {job.job_id} ===\n{cluster.job_info(job.job_id)}")
+        for sub in getattr(job, "_sub_jobs", None) or [job]:
+            for name in ("stdout", "stderr"):
+                try:
+                    text = sub._get_logs_string(name)
+                except Exception as e:  # noqa: BLE001 - this is the error report itself
+                    text = f"<{e!r}>"
+                parts.append(f"=== {name} of {sub.job_id} (task {sub.task_id}) ===\n{text}")
+    parts.append(f"=== node state: {cluster.node_state()} ===\n{cluster.log_tail()}")
+    return "\n".join(parts)
+
+
+def wait_results(cluster: SlurmCluster, job, timeout: float = JOB_TIMEOUT_S) -> list:
+    """All task results of a submitit job, waiting at most `timeout` seconds.
+
+    Polls job.done() against a deadline: without an accounting database a job that dies without writing
+    its result would make job.results() wait forever.
+    """
+    wait_for(job.done, f"job {job.job_id} to finish", cluster, job, timeout=timeout, poll_s=0.5)
+    try:
+        return job.results()
+    except Exception as e:  # noqa: BLE001 - reported with the job's logs
+        pytest.fail(f"job {job.job_id} failed: {e!r}\n{describe(cluster, job)}")
+
+
+def wait_for(predicate, what: str, cluster: SlurmCluster, *jobs, timeout: float = JOB_TIMEOUT_S,
+             poll_s: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{describe(cluster, *jobs)}")
+        time.sleep(poll_s)
+
+
 def _main() -> None:  # pragma: no cover - manual check: `python tests/slurm_cluster.py`
     reason = missing_requirements()
     if reason:

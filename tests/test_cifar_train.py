@@ -16,7 +16,7 @@ import torch
 from cifar100 import train
 from cifar100.models import build_model
 from cifar100.teachers import TeacherNotFoundError, resolve_teacher_checkpoint, zoo_checkpoint_path
-from cifar_fixtures import write_fake_cifar100
+from cifar_fixtures import write_fake_cifar100, write_teacher_zoo
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ("args.json", "log.txt", "checkpoint.pth", "student_best.pth", "student_last.pth", "done.json")
@@ -31,13 +31,7 @@ def cifar_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zoo_dir(tmp_path_factory):
-    """A teacher zoo laid out like the unpacked public archive, holding a resnet8 teacher."""
-    root = tmp_path_factory.mktemp("zoo")
-    path = root / "cifar_teachers" / "resnet8_vanilla" / "ckpt_epoch_240.pth"
-    path.parent.mkdir(parents=True)
-    torch.manual_seed(123)
-    torch.save({"model": build_model("resnet8").state_dict(), "acc": 1.0}, path)
-    return root
+    return write_teacher_zoo(tmp_path_factory.mktemp("zoo"), "resnet8")
 
 
 def make_args(cifar_root, output_dir, *extra):

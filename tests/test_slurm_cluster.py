@@ -19,7 +19,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
-from slurm_cluster import SlurmCluster, free_ports
+from slurm_cluster import JOB_TIMEOUT_S, SlurmCluster, describe, free_ports, wait_for, wait_results
 
 from slurm.launch import requeue_ignoring_sigterm
 
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.slurm
 # import this module, which is not on its sys.path: pickle what this module defines by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-JOB_TIMEOUT_S = 90.0
 
 
 # ------------------------------------------------------------------------------------- callables
@@ -104,50 +103,11 @@ def make_executor(cluster: SlurmCluster, folder: Path, **params) -> submitit.Aut
     return executor
 
 
-def describe(cluster: SlurmCluster, job: submitit.Job | None = None) -> str:
-    """Everything useful when a job misbehaves: its state, its outputs and the daemon logs."""
-    parts = []
-    if job is not None:
-        parts.append(f"=== scontrol show job {job.job_id} ===\n{cluster.job_info(job.job_id)}")
-        for sub in getattr(job, "_sub_jobs", None) or [job]:
-            for name in ("stdout", "stderr"):
-                try:
-                    text = sub._get_logs_string(name)
-                except Exception as e:  # noqa: BLE001
-                    text = f"<{e!r}>"
-                parts.append(f"=== {name} of {sub.job_id} (task {sub.task_id}) ===\n{text}")
-    parts.append(f"=== node state: {cluster.node_state()} ===")
-    parts.append(cluster.log_tail())
-    return "\n".join(parts)
-
-
-def wait_results(cluster: SlurmCluster, job: submitit.Job, timeout: float = JOB_TIMEOUT_S) -> list:
-    """All task results of a job, waiting at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not job.done():
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job.job_id} not done after {timeout:.0f} s\n{describe(cluster, job)}")
-        time.sleep(0.5)
-    try:
-        return job.results()
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"job {job.job_id} failed: {e!r}\n{describe(cluster, job)}")
-
-
-def wait_for(predicate, timeout: float, what: str, cluster: SlurmCluster, job=None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{describe(cluster, job)}")
-        time.sleep(0.25)
-
-
-# ------------------------------------------------------------------------------------- tests
 def test_cluster_is_up(slurm_cluster: SlurmCluster) -> None:
     assert os.environ["SLURM_CONF"] == str(slurm_cluster.conf_path)
     assert slurm_cluster.env["SLURM_CONF"] == str(slurm_cluster.conf_path)
     # Jobs of tests that ran earlier in the session may still be leaving the node.
-    wait_for(lambda: slurm_cluster.node_state() == "idle", 60, "the node to be idle", slurm_cluster)
+    wait_for(lambda: slurm_cluster.node_state() == "idle", "the node to be idle", slurm_cluster, timeout=60)
     partition, cpus = slurm_cluster.run(["sinfo", "-h", "-o", "%P %c"]).stdout.split()
     assert partition == slurm_cluster.partition + "*"  # the default partition
     assert int(cpus) == slurm_cluster.cpus >= 2  # room for the 2-task job
@@ -168,7 +128,7 @@ def test_sbatch_wrap_runs_and_writes_output(slurm_cluster: SlurmCluster, tmp_pat
     def finished() -> bool:
         return job_id not in slurm_cluster.job_ids() and out.exists() and out.read_text().strip() != ""
 
-    wait_for(finished, JOB_TIMEOUT_S, f"sbatch job {job_id}", slurm_cluster)
+    wait_for(finished, f"sbatch job {job_id}", slurm_cluster)
     text = out.read_text()
     assert text.strip() == f"hello from job {job_id} on {slurm_cluster.hostname}", (
         f"{text!r}\n{slurm_cluster.job_info(job_id)}\n{slurm_cluster.log_tail()}"
@@ -222,7 +182,7 @@ def test_preempted_checkpointable_job_is_requeued_and_resumes(
         return lambda: progress.exists() and int(progress.read_text() or 0) >= n
 
     # Running, with its signal handlers in place and some progress saved.
-    wait_for(progress_at_least(2), JOB_TIMEOUT_S, f"job {job.job_id} to make progress", slurm_cluster, job)
+    wait_for(progress_at_least(2), f"job {job.job_id} to make progress", slurm_cluster, job)
     try:
         job._interrupt(timeout=False)  # what a preemption sends: SIGTERM, then submitit's USR2
     except subprocess.CalledProcessError as e:

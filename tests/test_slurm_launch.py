@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import submitit
 import torch
-from slurm_cluster import SlurmCluster, free_ports
+from slurm_cluster import SlurmCluster, describe, free_ports, wait_for, wait_results
 
 from cifar100 import train
-from cifar100.models import build_model
-from cifar_fixtures import write_fake_cifar100
+from cifar_fixtures import write_fake_cifar100, write_teacher_zoo
 from slurm import launch
 
 pytestmark = pytest.mark.slurm
-
-JOB_TIMEOUT_S = 120.0
-
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
@@ -35,12 +30,7 @@ def cifar_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zoo_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    path = root / "cifar_teachers" / "resnet8_vanilla" / "ckpt_epoch_240.pth"
-    path.parent.mkdir(parents=True)
-    torch.manual_seed(123)
-    torch.save({"model": build_model("resnet8").state_dict()}, path)
-    return root
+    return write_teacher_zoo(tmp_path_factory.mktemp("zoo"), "resnet8")
 
 
 @pytest.fixture(autouse=True)
@@ -57,42 +47,6 @@ def launch_argv(cluster: SlurmCluster, cifar_root: Path, job_dir: Path, *extra: 
             "--epochs", "2", "--batch_size", "32", "--print_freq", "1000",
             "--timeout_min", "5", "--cpus_per_task", "1", "--mem_gb", "1", "--partition", cluster.partition,
             "--job_dir", str(job_dir / "%j"), *extra]
-
-
-def describe(cluster: SlurmCluster, *jobs: submitit.Job) -> str:
-    """The jobs' SLURM state, stdout and stderr, and the daemon logs: what a failure needs."""
-    parts = []
-    for job in jobs:
-        parts.append(f"=== scontrol show job {job.job_id} ===\n{cluster.job_info(job.job_id)}")
-        for sub in getattr(job, "_sub_jobs", None) or [job]:
-            for name in ("stdout", "stderr"):
-                try:
-                    text = sub._get_logs_string(name)
-                except Exception as e:  # noqa: BLE001 - this is the error report itself
-                    text = f"<{e!r}>"
-                parts.append(f"=== {name} of {sub.job_id} (task {sub.task_id}) ===\n{text}")
-    parts.append(f"=== node state: {cluster.node_state()} ===\n{cluster.log_tail()}")
-    return "\n".join(parts)
-
-
-def wait_results(cluster: SlurmCluster, job: submitit.Job, timeout: float = JOB_TIMEOUT_S) -> list:
-    deadline = time.monotonic() + timeout
-    while not job.done():
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job.job_id} not done after {timeout:.0f} s\n{describe(cluster, job)}")
-        time.sleep(0.5)
-    try:
-        return job.results()
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"job {job.job_id} failed: {e!r}\n{describe(cluster, job)}")
-
-
-def wait_for(predicate, what: str, cluster: SlurmCluster, job: submitit.Job, timeout: float = JOB_TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{describe(cluster, job)}")
-        time.sleep(0.05)
 
 
 def read_log(run_dir: Path) -> list[dict]:
