@@ -238,7 +238,9 @@ def main(args: argparse.Namespace) -> dict:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     student = build_model(args.student).to(info.device, memory_format=memory_format)
     teacher = None
-    if args.teacher:
+    if args.teacher and cfg["method"] == "ce":
+        dist.print_main(f"--method ce trains {args.student} alone: the teacher {args.teacher} is not loaded.")
+    elif args.teacher:
         teacher = load_teacher(args, output_dir, info, test_loader, memory_format)
     needs_features = cfg["method"] in ("fcka", "rcka")
     student_taps = teacher_taps = None

@@ -277,3 +277,12 @@ def test_epoch_logged_but_not_checkpointed_is_logged_once_after_resume(cifar_roo
     log = read_log(out / "log.txt")
     assert [entry["epoch"] for entry in log] == [0, 1, 2]
     assert log[-1]["test_acc1"] >= 0
+
+
+def test_ce_with_a_teacher_flag_trains_the_student_alone(cifar_root, tmp_path, capsys):
+    out = tmp_path / "ce"
+    train.main(make_args(cifar_root, out, "--student", "resnet8", "--teacher", "resnet8", "--method", "ce",
+                         "--epochs", "1"))
+    assert "is not loaded" in capsys.readouterr().out
+    assert set(k for k in read_log(out / "log.txt")[0] if k.startswith("train_")) == {"train_loss", "train_ce"}
+    assert not (out / "teacher_eval.json").exists()
