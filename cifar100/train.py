@@ -45,7 +45,15 @@ from common.checkpoint import (
     set_rng_state,
 )
 from common.features import FeatureTaps
-from common.logging import MetricLogger, SmoothedValue, append_jsonl, read_jsonl, run_metadata, write_json_atomic
+from common.logging import (
+    MetricLogger,
+    SmoothedValue,
+    append_jsonl,
+    git_state,
+    read_jsonl,
+    run_metadata,
+    write_json_atomic,
+)
 from common.losses import DKDLoss, KDLoss, RCKALoss
 
 METHODS = ("ce", "kd", "dkd", "fcka", "lcka", "rcka")
@@ -327,7 +335,7 @@ def main(args: argparse.Namespace) -> dict:
                "seed": args.seed, "epochs": args.epochs, "last_acc1": stats["acc1"], "last_acc5": stats["acc5"],
                "best_acc1": best_acc1, "best_epoch": best_epoch,
                "paper_acc1": paper_top1(args.teacher, args.student, cfg["method"]),
-               "git_commit": run_metadata(args)["git_commit"], "output_dir": str(output_dir),
+               "git_commit": git_state()["git_commit"], "output_dir": str(output_dir),
                "weights_sha256": state_dict_sha256(student)}
     if dist.is_main_process():
         save_zoo_weights(student, output_dir / "student_last.pth", args.epochs - 1, stats["acc1"])

@@ -97,11 +97,7 @@ class RCKALoss(nn.Module):
                 fcka = fcka + (1 - linear_cka(fs.flatten(1), ft.detach().flatten(1), centered=self.centered))
             terms["fcka"] = self.feature_weight * fcka
         if self.intra_weight > 0 or self.inter_weight > 0:
-            if logits_s.dim() != 2 or logits_s.shape != logits_t.shape:
-                raise ValueError(
-                    f"logits must both be (batch, classes) of equal shape; got {tuple(logits_s.shape)} "
-                    f"and {tuple(logits_t.shape)}."
-                )
+            _check_logits(logits_s, logits_t)
             logits_t = logits_t.detach()
             if self.intra_weight > 0:
                 terms["lcka_intra"] = self.intra_weight * (1 - linear_cka(logits_s, logits_t, centered=self.centered))
