@@ -78,11 +78,11 @@ def make_inputs(case, device):
 
 
 VARIANTS = {
-    "pcka_batched": ("pcka", lambda s, t: PCKALoss()(s, t)),
+    "pcka_batched": ("pcka", lambda s, t: PCKALoss()(feats_s=s, feats_t=t)),
     "pcka_loop": ("pcka", pcka_loop),
-    "rcka": ("rcka", lambda s, t, zs, zt: RCKALoss()(s, t, zs, zt)),
+    "rcka": ("rcka", lambda s, t, zs, zt: RCKALoss()(feats_s=s, feats_t=t, logits_s=zs, logits_t=zt)),
     "rcka_naive": ("rcka", rcka_naive),
-    "kd": ("rcka", lambda s, t, zs, zt: KDLoss()(zs, zt)),
+    "kd": ("rcka", lambda s, t, zs, zt: KDLoss()(logits_s=zs, logits_t=zt)),
 }
 
 

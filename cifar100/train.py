@@ -54,9 +54,8 @@ from common.logging import (
     run_metadata,
     write_json_atomic,
 )
-from common.losses import DKDLoss, KDLoss, RCKALoss
+from common.losses import METHODS, build_distillation_loss
 
-METHODS = ("ce", "kd", "dkd", "fcka", "lcka", "rcka")
 # Students trained with LR 0.01 instead of 0.05 in the CRD/DKD recipe (they diverge at 0.05).
 LIGHTWEIGHT_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
@@ -250,7 +249,8 @@ def main(args: argparse.Namespace) -> dict:
         dist.print_main(f"--method ce trains {args.student} alone: the teacher {args.teacher} is not loaded.")
     elif args.teacher:
         teacher = load_teacher(args, output_dir, info, test_loader, memory_format)
-    needs_features = cfg["method"] in ("fcka", "rcka")
+    criterion = build_distillation_loss(cfg["method"], vars(args)) if teacher is not None else None
+    needs_features = criterion is not None and criterion.needs_features
     student_taps = teacher_taps = None
     if needs_features:
         stages_s, stages_t = select_stages(args.student, args.fcka_stages), select_stages(args.teacher, args.fcka_stages)
@@ -268,8 +268,9 @@ def main(args: argparse.Namespace) -> dict:
         teacher = torch.compile(teacher) if teacher is not None else None
 
     # ------------------------------------------------------------ loss, optimiser, schedule
-    criterion = build_criterion(args, cfg)
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg["lr"], momentum=args.momentum,
+    # A loss with parameters (a projector, say) trains with the student.
+    params = list(student.parameters()) + (list(criterion.parameters()) if criterion is not None else [])
+    optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_decay_epochs,
                                                         gamma=args.lr_decay_rate)
@@ -423,25 +424,8 @@ def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:
             )
 
 
-def build_criterion(args: argparse.Namespace, cfg: dict) -> nn.Module | None:
-    method = cfg["method"]
-    if method == "kd":
-        return KDLoss(args.kd_temperature)
-    if method == "dkd":
-        return DKDLoss(args.dkd_alpha, args.dkd_beta, args.dkd_temperature)
-    if method in ("fcka", "lcka", "rcka"):
-        return RCKALoss(
-            feature_weight=args.fcka_weight if method in ("fcka", "rcka") else 0.0,
-            intra_weight=args.lcka_intra_weight if method in ("lcka", "rcka") else 0.0,
-            inter_weight=args.lcka_inter_weight if method in ("lcka", "rcka") else 0.0,
-            centered=args.cka_centered,
-        )
-    return None
-
-
 def train_one_epoch(model, teacher, criterion, student_taps, teacher_taps, loader, optimizer, epoch, device, args, cfg):
     model.train()
-    method = cfg["method"]
     metric_logger = MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.4f}"))
     header = f"Epoch [{epoch}/{args.epochs}]"
@@ -451,18 +435,13 @@ def train_one_epoch(model, teacher, criterion, student_taps, teacher_taps, loade
         with autocast:
             logits = model(images)
             terms = {"ce": cfg["ce_weight"] * F.cross_entropy(logits, targets)}
-            if teacher is not None:
+            if criterion is not None:
                 with torch.no_grad():
                     logits_t = teacher(images)
-                feats_s = student_taps.pop() if student_taps else None
-                feats_t = teacher_taps.pop() if teacher_taps else None
-                if method == "kd":
-                    terms["kd"] = args.kd_weight * criterion(logits, logits_t)
-                elif method == "dkd":
-                    ramp = min((epoch + 1) / args.dkd_warmup, 1.0) if args.dkd_warmup > 0 else 1.0
-                    terms.update({k: ramp * v for k, v in criterion.terms(logits, logits_t, targets).items()})
-                else:
-                    terms.update(criterion.terms(feats_s, feats_t, logits, logits_t))
+                terms.update(criterion.terms(
+                    logits_s=logits, logits_t=logits_t, targets=targets, epoch=epoch,
+                    feats_s=student_taps.pop() if student_taps else None,
+                    feats_t=teacher_taps.pop() if teacher_taps else None))
         loss = sum(terms.values())
         loss_value = loss.item()
         if not math.isfinite(loss_value):

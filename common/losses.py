@@ -1,9 +1,14 @@
 """Distillation losses: RCKA and PCKA (the paper's), and the KD and DKD baselines.
 
 Every CKA term is ``1 - CKA``: non-negative, 0 at perfect alignment, with the same gradients as
-the paper's ``-CKA``. Each module's ``terms(...)`` returns the weighted terms by name (for logs),
-and ``forward(...)`` their sum, a scalar. Teacher inputs are detached: no loss here ever sends a
-gradient into the teacher.
+the paper's ``-CKA``. Teacher inputs are detached: no loss here ever sends a gradient into the teacher.
+
+One interface for every loss (``DistillationLoss``), so a training loop has no per-method branch:
+``terms(*, logits_s, logits_t, feats_s, feats_t, targets, epoch)`` returns the weighted terms by name
+(for logs), ``forward(...)`` (same keywords) their sum. Each loss takes what it uses and ignores the
+rest, owns its weights and warm-up, and says in ``needs_features`` whether the loop must tap
+intermediate features. A loss with parameters or buffers is optimised and checkpointed with the
+student by the loop (``criterion.parameters()``, ``criterion.state_dict()``) without other changes.
 
 Differences from the paper's released code (Klayand/PCKA), each a flag where it matters:
   * ``centered=True`` by default: CKA as defined (column-centred). The released code never
@@ -26,7 +31,46 @@ from torch import Tensor, nn
 from common.cka import _promote, linear_cka
 from common.patches import patchify
 
-__all__ = ["RCKALoss", "PCKALoss", "KDLoss", "DKDLoss"]
+__all__ = ["METHODS", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKDLoss", "build_distillation_loss"]
+
+# The classification methods, in the paper's Table 1 order; tasks, sweeps and reports read this one list.
+# ce: the student alone; kd: Hinton et al.; dkd: Zhao et al.; fcka / lcka: the paper's feature / logit
+# CKA rows; rcka: both, the paper's method.
+METHODS = ("ce", "kd", "dkd", "fcka", "lcka", "rcka")
+
+
+class DistillationLoss(nn.Module):
+    """The interface every distillation loss implements; see the module docstring.
+
+    Subclasses implement ``terms``; all arguments are keyword-only and optional, so a loop passes
+    everything it has and each loss takes what it needs (and says clearly what is missing).
+    """
+
+    needs_features: bool = False
+
+    def terms(
+        self,
+        *,
+        logits_s: Tensor | None = None,
+        logits_t: Tensor | None = None,
+        feats_s=None,
+        feats_t=None,
+        targets: Tensor | None = None,
+        epoch: int = 0,
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, **inputs) -> Tensor:
+        terms = self.terms(**inputs)
+        if not terms:
+            raise ValueError(f"{type(self).__name__} has every weight at 0: it computes nothing.")
+        return sum(terms.values())
+
+
+def _require(name: str, value, loss: str):
+    if value is None:
+        raise ValueError(f"{loss} needs {name}= (got None).")
+    return value
 
 
 def _as_list(feats: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None) -> list[Tensor]:
@@ -59,7 +103,7 @@ def _paired_levels(feats_s, feats_t) -> list[tuple[str, Tensor, Tensor]]:
     return [(str(i), a, b) for i, (a, b) in enumerate(zip(s, t))]
 
 
-class RCKALoss(nn.Module):
+class RCKALoss(DistillationLoss):
     """RCKA = w_f * sum_stages (1 - CKA(F_s, F_t)) + w_intra (1 - CKA(Z_s, Z_t)) + w_inter (1 - CKA(Z_s^T, Z_t^T)).
 
     F are stage features flattened to (batch, C*H*W), so teacher and student need no channel
@@ -84,20 +128,24 @@ class RCKALoss(nn.Module):
         self.inter_weight = inter_weight
         self.centered = centered
 
-    def terms(self, feats_s, feats_t, logits_s: Tensor, logits_t: Tensor) -> dict[str, Tensor]:
+    @property
+    def needs_features(self) -> bool:
+        return self.feature_weight > 0
+
+    def terms(self, *, logits_s=None, logits_t=None, feats_s=None, feats_t=None, targets=None, epoch=0):
         terms: dict[str, Tensor] = {}
         if self.feature_weight > 0:
             pairs = _paired_levels(feats_s, feats_t)
             if not pairs:
                 raise ValueError("feature_weight > 0 but no features were given; pass stage features or set it to 0.")
-            fcka = logits_s.new_zeros((), dtype=torch.float32)
+            fcka = pairs[0][1].new_zeros((), dtype=torch.float32)
             for name, fs, ft in pairs:
                 if fs.shape[0] != ft.shape[0]:
                     raise ValueError(f"stage {name}: student batch {fs.shape[0]} != teacher batch {ft.shape[0]}.")
                 fcka = fcka + (1 - linear_cka(fs.flatten(1), ft.detach().flatten(1), centered=self.centered))
             terms["fcka"] = self.feature_weight * fcka
         if self.intra_weight > 0 or self.inter_weight > 0:
-            _check_logits(logits_s, logits_t)
+            _check_logits(_require("logits_s", logits_s, "RCKALoss"), _require("logits_t", logits_t, "RCKALoss"))
             logits_t = logits_t.detach()
             if self.intra_weight > 0:
                 terms["lcka_intra"] = self.intra_weight * (1 - linear_cka(logits_s, logits_t, centered=self.centered))
@@ -107,14 +155,8 @@ class RCKALoss(nn.Module):
                 )
         return terms
 
-    def forward(self, feats_s, feats_t, logits_s: Tensor, logits_t: Tensor) -> Tensor:
-        terms = self.terms(feats_s, feats_t, logits_s, logits_t)
-        if not terms:
-            return logits_s.new_zeros((), dtype=torch.float32)
-        return torch.stack(list(terms.values())).sum()
 
-
-class PCKALoss(nn.Module):
+class PCKALoss(DistillationLoss):
     """Patch-based CKA over FPN levels (paper Sec. 4.2).
 
     For every level, both maps are cut into p x p patches (``common.patches.patchify``) and for each
@@ -140,7 +182,9 @@ class PCKALoss(nn.Module):
         self.inter_weight = inter_weight
         self.centered = centered
 
-    def terms(self, feats_s, feats_t) -> dict[str, Tensor]:
+    needs_features = True
+
+    def terms(self, *, logits_s=None, logits_t=None, feats_s=None, feats_t=None, targets=None, epoch=0):
         pairs = _paired_levels(feats_s, feats_t)
         if not pairs:
             raise ValueError("PCKALoss needs at least one pair of feature maps.")
@@ -182,12 +226,6 @@ class PCKALoss(nn.Module):
             terms["pcka_inter"] = self.inter_weight * torch.stack(inter).sum()
         return terms
 
-    def forward(self, feats_s, feats_t) -> Tensor:
-        terms = self.terms(feats_s, feats_t)
-        if not terms:
-            return _as_list(feats_s)[0].new_zeros((), dtype=torch.float32)
-        return torch.stack(list(terms.values())).sum()
-
 
 def _check_logits(logits_s: Tensor, logits_t: Tensor) -> None:
     if logits_s.dim() != 2 or logits_s.shape != logits_t.shape:
@@ -197,43 +235,53 @@ def _check_logits(logits_s: Tensor, logits_t: Tensor) -> None:
         )
 
 
-class KDLoss(nn.Module):
-    """Hinton et al. (2015): T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the batch."""
+class KDLoss(DistillationLoss):
+    """Hinton et al. (2015): weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the batch."""
 
-    def __init__(self, temperature: float = 4.0) -> None:
+    def __init__(self, temperature: float = 4.0, weight: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}.")
         self.temperature = temperature
+        self.weight = weight
 
-    def forward(self, logits_s: Tensor, logits_t: Tensor) -> Tensor:
+    def terms(self, *, logits_s=None, logits_t=None, feats_s=None, feats_t=None, targets=None, epoch=0):
+        logits_s, logits_t = _require("logits_s", logits_s, "KDLoss"), _require("logits_t", logits_t, "KDLoss")
         _check_logits(logits_s, logits_t)
         t = self.temperature
         log_p_s = F.log_softmax(_promote(logits_s) / t, dim=1)
         log_p_t = F.log_softmax(_promote(logits_t.detach()) / t, dim=1)
-        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
+        return {"kd": self.weight * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t}
 
 
-class DKDLoss(nn.Module):
+class DKDLoss(DistillationLoss):
     """Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD, each scaled by T^2.
 
     TCKD is the KL divergence of the binary (target, rest) distributions; NCKD the KL divergence of
     the distributions over the non-target classes only. We compute both exactly in log space
     (logsumexp over the non-target classes) rather than with the -1000 logit mask of the
     reference implementation; the values agree to float precision. The CIFAR-100 defaults are the
-    DKD paper's (alpha 1, beta 8, T 4); its linear warm-up of the loss over the first 20 epochs is
-    a training-schedule matter and lives in the training script.
+    DKD paper's (alpha 1, beta 8, T 4). Both terms ramp up linearly over the first ``warmup_epochs``
+    epochs, by ``min((epoch + 1) / warmup_epochs, 1)`` with 0-based epochs, as the reference
+    implementation's ``min(epoch / warmup, 1)`` does with 1-based ones (DKD paper: 20 on CIFAR-100).
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature
+        self.warmup_epochs = warmup_epochs
 
-    def terms(self, logits_s: Tensor, logits_t: Tensor, target: Tensor) -> dict[str, Tensor]:
+    def terms(self, *, logits_s=None, logits_t=None, feats_s=None, feats_t=None, targets=None, epoch=0):
+        logits_s, logits_t = _require("logits_s", logits_s, "DKDLoss"), _require("logits_t", logits_t, "DKDLoss")
+        target = _require("targets", targets, "DKDLoss")
         _check_logits(logits_s, logits_t)
         if target.shape != logits_s.shape[:1]:
             raise ValueError(f"target must be (batch,) class indices; got {tuple(target.shape)}.")
@@ -253,8 +301,26 @@ class DKDLoss(nn.Module):
             * t
             * t
         )
-        return {"tckd": self.alpha * tckd, "nckd": self.beta * nckd}
+        ramp = min((epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        return {"tckd": ramp * self.alpha * tckd, "nckd": ramp * self.beta * nckd}
 
-    def forward(self, logits_s: Tensor, logits_t: Tensor, target: Tensor) -> Tensor:
-        terms = self.terms(logits_s, logits_t, target)
-        return terms["tckd"] + terms["nckd"]
+
+def build_distillation_loss(method: str, settings) -> DistillationLoss | None:
+    """The loss of a classification method (``METHODS``) from resolved settings (an argparse.Namespace or a
+    dict with the tasks' shared flag names: kd_temperature, kd_weight, dkd_alpha, dkd_beta, dkd_temperature,
+    dkd_warmup, fcka_weight, lcka_intra_weight, lcka_inter_weight, cka_centered). None for ``ce``."""
+    get = settings.get if isinstance(settings, Mapping) else lambda key: getattr(settings, key)
+    if method == "ce":
+        return None
+    if method == "kd":
+        return KDLoss(get("kd_temperature"), get("kd_weight"))
+    if method == "dkd":
+        return DKDLoss(get("dkd_alpha"), get("dkd_beta"), get("dkd_temperature"), get("dkd_warmup"))
+    if method in ("fcka", "lcka", "rcka"):
+        return RCKALoss(
+            feature_weight=get("fcka_weight") if method in ("fcka", "rcka") else 0.0,
+            intra_weight=get("lcka_intra_weight") if method in ("lcka", "rcka") else 0.0,
+            inter_weight=get("lcka_inter_weight") if method in ("lcka", "rcka") else 0.0,
+            centered=get("cka_centered"),
+        )
+    raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
