@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from common.losses import METHODS
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -19,7 +21,7 @@ class Sweep:
 
 
 SWEEPS = {
-    "table1": Sweep("cifar100", "rcka_table1", ("ce", "kd", "dkd", "fcka", "lcka", "rcka"),
+    "table1": Sweep("cifar100", "rcka_table1", METHODS,
                     "the paper's Table 1 pairs x ce, kd, dkd, fcka, lcka, rcka (ce: each student alone, once)"),
     "baselines13": Sweep("cifar100", "crd_dkd_baselines", ("kd", "dkd", "rcka"),
                          "the 13 standard CRD/DKD pairs x kd, dkd, rcka"),

@@ -212,6 +212,31 @@ def test_dry_run_prints_each_run_and_submits_nothing(tmp_path, monkeypatch, caps
     assert not (tmp_path / "output" / "slurm").exists() and not (runs[1].output_dir / "slurm_job.json").exists()
 
 
+def test_dry_run_warns_when_the_plan_has_no_time_limit_or_no_gpus(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    launch.main(["cifar100", "--sweep", "table1", "--dry_run"])
+    out = capsys.readouterr().out
+    assert "warning: no --timeout_min" in out and "warning: no --gpus_per_node" in out
+    assert "159 runs" in out
+    launch.main(["cifar100", "--sweep", "table1", "--dry_run", "--timeout_min", "600", "--gpus_per_node", "1"])
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_timed_out_jobs_are_requeued_many_times_not_submitits_default_three(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    real = launch.submitit.AutoExecutor
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch.submitit, "AutoExecutor", recording)
+    (job,) = launch.main(["cifar100", "--student", "resnet8", "--epochs", "1", "--timeout_min", "5", "--device",
+                          "cpu", "--data_path", str(tmp_path / "none"), "--no_download"], cluster="debug")
+    assert seen["slurm_max_num_timeout"] == launch.MAX_NUM_TIMEOUT >= 30
+
+
 def test_submitting_needs_a_time_limit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(launch.LaunchError, match="pass --timeout_min"):
