@@ -1,7 +1,8 @@
 """Sizes of CE and of each weighted RCKA term at the start of training, under each CKA variant.
 
-    python benchmarks/loss_terms_at_init.py                      # CPU, a few minutes on 2 free cores
-    python benchmarks/loss_terms_at_init.py --teacher_steps 0    # random teachers only (seconds)
+    python benchmarks/loss_terms_at_init.py                        # random teachers: about a minute on CPU
+    python benchmarks/loss_terms_at_init.py --teacher_steps 2000   # also briefly trained teachers (CPU only, slow:
+                                                                   # 40 resnet56 steps took 800 s on a loaded 2-core box)
 
 On the real CIFAR architectures (``cifar100.models.build_model``) at batch 64, with the default
 weights (1 for features, 15 per logit term), for centred vs uncentred CKA x logit Gram rows
@@ -124,7 +125,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=PAIRS, help="teacher:student pairs (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=64, help="the CIFAR recipe's batch (64)")
-    parser.add_argument("--teacher_steps", type=int, default=40,
+    parser.add_argument("--teacher_steps", type=int, default=0,
                         help="SGD steps of the 'trained' teachers on generated images; 0 measures random teachers only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
