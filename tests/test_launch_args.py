@@ -19,7 +19,7 @@ from slurm import launch
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FLAGS = ["--teacher", "resnet56", "--student", "resnet20", "--method", "dkd", "--epochs", "7",
-              "--lr_decay_epochs", "3", "5", "--batch_size", "128", "--no-cka_centered", "--amp", "--seed", "4",
+              "--lr_decay_epochs", "3", "5", "--batch_size", "128", "--cka_centered", "--amp", "--seed", "4",
               "--dkd_beta", "2.5", "--data_path", "/data/cifar", "--zoo_dir", "zoo", "--loader", "torchvision"]
 SLURM_FLAGS = ["--nodes", "2", "--gpus_per_node", "8", "--partition", "gpu", "--timeout_min", "600",
                "--account", "proj", "--qos", "high", "--constraint", "a100", "--mem_gb", "64", "--cpus_per_task", "10",
