@@ -27,6 +27,8 @@ def test_batches(args: argparse.Namespace, device: torch.device):
     images, labels = load_cifar100(args.data_path, train=False, download=not args.no_download,
                                    verify=not args.no_verify_data)
     if args.max_samples is not None:
+        if args.max_samples < 4:
+            raise cka_map.CKAMapError(f"--max_samples {args.max_samples}: CKA needs at least 4 images.")
         images, labels = images[: args.max_samples], labels[: args.max_samples]
     loader = TensorLoader(images, labels, args.batch_size, train=False, device=device)
     if args.no_verify_data:
