@@ -68,7 +68,11 @@ def _check_arch(arch: str, task: CKAMapTask, flag: str) -> str:
 
 
 def read_run_args(run_dir: Path) -> dict | None:
-    """The run's arguments from ``args.json`` (its "args" section), or None when the folder has none."""
+    """The run's settings from ``args.json``, or None when the folder has none.
+
+    The flags as given ("args": student, teacher, method, seed, teacher_ckpt, zoo_dir), overlaid with the resolved
+    "identity" when the file has one (method after defaults, ...). Only what a CKA map needs is read from it.
+    """
     path = run_dir / "args.json"
     if not path.is_file():
         return None
@@ -77,9 +81,11 @@ def read_run_args(run_dir: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CKAMapError(f"{path} is not valid JSON ({err}); pass the architecture with the --arch_* flag and "
                           "the checkpoint file instead of the folder.") from err
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("args"), dict):
-        raise CKAMapError(f"{path} has no 'args' section: it was not written by train.py.")
-    return metadata["args"]
+    sections = [metadata.get(key) for key in ("args", "identity")] if isinstance(metadata, dict) else []
+    if not any(isinstance(section, dict) for section in sections):
+        raise CKAMapError(f"{path} has neither an 'args' nor an 'identity' section: it was not written by train.py. "
+                          "Pass the checkpoint file instead of the folder, with the --arch_* flag.")
+    return {key: value for section in sections if isinstance(section, dict) for key, value in section.items()}
 
 
 def resolve_source(path: str, which: str, arch: str | None, flag: str, task: CKAMapTask) -> ModelSource:
@@ -96,10 +102,10 @@ def resolve_source(path: str, which: str, arch: str | None, flag: str, task: CKA
     if not checkpoint.is_file():
         present = sorted(q.name for q in p.glob("*.pth"))
         other = "last" if which == "best" else "best"
-        raise CKAMapError(f"{checkpoint} does not exist (the folder holds {present or 'no .pth file'}). "
-                          f"{'Try --which ' + other + ', or p' if (p / RUN_CHECKPOINTS[other]).is_file() else 'P'}"
-                          f"ass a run folder of {task.name}/train.py (student_last.pth appears when a run finishes, "
-                          "student_best.pth after its first evaluation) or a checkpoint file.")
+        fix = f"Try --which {other}, or pass" if (p / RUN_CHECKPOINTS[other]).is_file() else "Pass"
+        raise CKAMapError(f"{checkpoint} does not exist (the folder holds {present or 'no .pth file'}). {fix} a run "
+                          f"folder of {task.name}/train.py (student_last.pth appears when a run finishes, "
+                          "student_best.pth when an evaluation first beats 0% top-1) or a checkpoint file.")
     run_args = read_run_args(p)
     recorded = run_args.get("student") if run_args else None
     if recorded is None and arch is None:

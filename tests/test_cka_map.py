@@ -202,3 +202,14 @@ def test_layer_whose_output_is_not_a_tensor_is_an_error():
     model = torch.nn.Sequential(TupleOut())
     with pytest.raises(LayerError, match="outputs a tuple"):
         compute_cka_maps((model, ["0"]), [(model, ["0"])], [torch.zeros(4, 3)], progress=False)
+
+
+def test_run_settings_are_the_flags_overlaid_with_the_resolved_identity(tmp_path):
+    from common.cka_map import read_run_args
+
+    (tmp_path / "args.json").write_text(json.dumps({"args": {"student": "resnet8", "method": None, "seed": 1},
+                                                    "identity": {"method": "rcka", "seed": 1}}))
+    assert read_run_args(tmp_path) == {"student": "resnet8", "method": "rcka", "seed": 1}
+    (tmp_path / "args.json").write_text(json.dumps({"argv": []}))
+    with pytest.raises(CKAMapError, match="neither an 'args' nor an 'identity' section"):
+        read_run_args(tmp_path)
