@@ -10,12 +10,12 @@ python - "$work" <<'PY'
 import sys
 sys.path.insert(0, "tests")
 from cifar_fixtures import write_fake_cifar100
-write_fake_cifar100(sys.argv[1] + "/data", n_train=2000, n_test=500, seed=0)
+write_fake_cifar100(sys.argv[1] + "/data", n_train=1000, n_test=500, seed=0)
 PY
 common=(--data_path "$work/data" --no_verify_data --no_download --device cpu --print_freq 1000)
-python cifar100/train.py --student resnet20 --epochs 6 --lr_decay_epochs 4 --output_dir "$work/teacher" "${common[@]}"
+python cifar100/train.py --student resnet20 --epochs 4 --lr_decay_epochs 3 --output_dir "$work/teacher" "${common[@]}"
 for method in kd rcka; do
-    python cifar100/train.py --teacher resnet20 --student resnet8 --method "$method" --epochs 6 --lr_decay_epochs 4 \
+    python cifar100/train.py --teacher resnet20 --student resnet8 --method "$method" --epochs 3 --lr_decay_epochs 2 \
         --teacher_ckpt "$work/teacher/student_best.pth" --output_dir "$work/$method" "${common[@]}"
 done
 python cifar100/cka_map.py --compare "$work/kd" "$work/rcka" --output_dir "$work/map" \
