@@ -46,8 +46,8 @@ MIN_BATCH = 4
 def _zero_diagonal_grams(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Linear Gram matrices of minibatch-centred, flattened features, diagonals zeroed: (L, n, n) float64.
 
-    Also returns, per layer, ||X_c||_F^2 / ||X||_F^2 (0 for an all-zero X): how much of the layer
-    varies across the minibatch, to recognise a constant representation.
+    Also returns, per layer, (||X_c||_F^2, ||X||_F^2), (L, 2): how much of the layer varies across
+    the minibatch against its size, to recognise a constant representation.
     """
     n = features[0].shape[0]
     grams = torch.empty(len(features), n, n, dtype=torch.float64, device=features[0].device)

@@ -27,7 +27,8 @@ class LayerError(ValueError):
     """A layer name the model does not have, or a layer whose output cannot be compared."""
 
 
-def check_layers(model: nn.Module, arch: str, layers: Sequence[str] | None, stages: Sequence[str], flag: str) -> list[str]:
+def check_layers(model: nn.Module, arch: str, layers: Sequence[str] | None, stages: Sequence[str],
+                 flag: str) -> list[str]:
     """The layers to tap (default: the stages, then the logits), each a module name of ``model`` or "logits"."""
     if not layers:
         return [*stages, LOGITS]
@@ -36,8 +37,8 @@ def check_layers(model: nn.Module, arch: str, layers: Sequence[str] | None, stag
     if unknown:
         hints = {name: difflib.get_close_matches(name, modules, n=3) for name in unknown}
         raise LayerError(f"{flag}: {arch} has no layer(s) {unknown} (closest module names: {hints}). Valid names: its "
-                          f"stages {list(stages)}, '{LOGITS}', or any module name of model.named_modules(), e.g. "
-                          f"{modules[:4]}.")
+                         f"stages {list(stages)}, '{LOGITS}', or any module name of model.named_modules(), e.g. "
+                         f"{modules[:4]}.")
     if len(set(layers)) != len(layers):
         raise LayerError(f"{flag}: duplicate layer names in {list(layers)}.")
     return list(layers)
@@ -62,7 +63,7 @@ def merge_short_batches(batches: Iterable[Tensor], minimum: int = MIN_BATCH) -> 
 def _flatten(output, layer: str) -> Tensor:
     if not isinstance(output, Tensor):
         raise LayerError(f"layer {layer!r} outputs a {type(output).__name__}, not a tensor; tap a module that returns "
-                          "one tensor.")
+                         "one tensor.")
     return output.reshape(output.shape[0], -1)
 
 

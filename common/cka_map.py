@@ -63,7 +63,8 @@ class ModelSource:
 
 def _check_arch(arch: str, task: CKAMapTask, flag: str) -> str:
     if arch not in task.stages:
-        raise CKAMapError(f"{flag} {arch!r} is not a {task.name} architecture; choices: {', '.join(sorted(task.stages))}.")
+        raise CKAMapError(f"{flag} {arch!r} is not a {task.name} architecture; choices: "
+                          f"{', '.join(sorted(task.stages))}.")
     return arch
 
 
@@ -142,7 +143,7 @@ def teacher_of(students: Sequence[ModelSource], args: argparse.Namespace, task: 
 
 
 def output_name(labels: Sequence[str]) -> str:
-    """A folder name from model labels: 'resnet56 (teacher)', 'resnet20 kd seed0' -> resnet56-teacher__resnet20-kd-seed0."""
+    """A folder name from model labels: 'resnet56 (teacher)', 'resnet20 kd seed0' -> resnet56-teacher__resnet20-kd-seed0"""
     return "__".join(re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-") for label in labels)
 
 
@@ -225,7 +226,8 @@ def _load(source: ModelSource, task: CKAMapTask, device: torch.device) -> tuple[
 def main(args: argparse.Namespace, task: CKAMapTask) -> dict:
     # ------------------------------------------------------------ models and layers
     if args.batch_size < 4:
-        raise CKAMapError(f"--batch_size {args.batch_size}: the unbiased HSIC estimator needs at least 4 images per batch.")
+        raise CKAMapError(f"--batch_size {args.batch_size}: the unbiased HSIC estimator needs at least 4 images "
+                          "per batch.")
     rows, columns = resolve_models(args, task)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     (row_model, row_title), *loaded = [_load(s, task, device) for s in (rows, *columns)]
@@ -279,7 +281,8 @@ def _table(panel: Panel) -> str:
     lines = [f"{panel.row_title} (rows) vs {panel.col_title} (columns)",
              " " * width + "".join(f"{name:>{width}}" for name in panel.col_layers)]
     # Network order top to bottom here, as in the CSV (the figure puts the first layer at the bottom).
-    lines += [f"{name:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row) for name, row in zip(panel.row_layers, panel.matrix)]
+    lines += [f"{name:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row)
+              for name, row in zip(panel.row_layers, panel.matrix)]
     return "\n".join(lines)
 
 

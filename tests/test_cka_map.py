@@ -100,6 +100,14 @@ def test_one_run_folder_maps_its_teacher_against_its_student(cifar_root, runs, t
     assert columns["label"] == "resnet8 rcka seed0" and columns["checkpoint"] == str(runs["rcka"] / "student_last.pth")
 
 
+def test_compare_against_a_teacher_given_as_a_checkpoint(cifar_root, runs, teacher_ckpt, tmp_path):
+    record = run_map(cifar_root, tmp_path, str(teacher_ckpt), "--arch_a", "resnet8", "--compare", str(runs["kd"]),
+                     str(runs["rcka"]), "--which", "last", "--layers_a", "layer3,logits")
+    assert [m["label"] for m in record["models"]] == ["resnet8 (ckpt_epoch_240.pth)", "resnet8 kd seed0",
+                                                      "resnet8 rcka seed0"]
+    assert [np.array(p["cka"]).shape for p in record["panels"]] == [(2, 4), (2, 4)]
+
+
 def test_compare_kd_and_rcka_runs_of_train_py_from_the_command_line(cifar_root, runs, tmp_path):
     out = tmp_path / "kd_vs_rcka"
     result = subprocess.run(
