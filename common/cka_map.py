@@ -30,10 +30,10 @@ from common.checkpoint import CheckpointError, load_zoo_weights
 from common.cka_layers import LOGITS, LayerError, check_layers, compute_cka_maps
 from common.cka_plot import Panel, panel_json, plot_cka_maps, write_cka_csv
 from common.logging import git_state, write_json_atomic
+from common.run import RunError, RunFolder, file_sha256
 
 __all__ = ["CKAMapError", "CKAMapTask", "ModelSource", "add_arguments", "main", "resolve_source", "teacher_of"]
 
-RUN_CHECKPOINTS = {"best": "student_best.pth", "last": "student_last.pth"}
 
 
 class CKAMapError(ValueError):
@@ -68,25 +68,17 @@ def _check_arch(arch: str, task: CKAMapTask, flag: str) -> str:
     return arch
 
 
-def read_run_args(run_dir: Path) -> dict | None:
-    """The run's settings from ``args.json``, or None when the folder has none.
+def read_run_settings(folder: RunFolder) -> dict | None:
+    """A run's settings, or None where no run started in ``folder``.
 
-    The flags as given ("args": student, teacher, method, seed, teacher_ckpt, zoo_dir), overlaid with the resolved
-    "identity" when the file has one (method after defaults, ...). Only what a CKA map needs is read from it.
+    Its identity (the resolved settings: student, teacher, method, seed, teacher_sha256, ...) overlaid on its flags as
+    given, which alone say where the teacher file was (teacher_ckpt, zoo_dir).
     """
-    path = run_dir / "args.json"
-    if not path.is_file():
+    identity = folder.read_identity()  # RunError for a damaged args.json, or one without an identity
+    if identity is None:
         return None
-    try:
-        metadata = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CKAMapError(f"{path} is not valid JSON ({err}); pass the architecture with the --arch_* flag and "
-                          "the checkpoint file instead of the folder.") from err
-    sections = [metadata.get(key) for key in ("args", "identity")] if isinstance(metadata, dict) else []
-    if not any(isinstance(section, dict) for section in sections):
-        raise CKAMapError(f"{path} has neither an 'args' nor an 'identity' section: it was not written by train.py. "
-                          "Pass the checkpoint file instead of the folder, with the --arch_* flag.")
-    return {key: value for section in sections if isinstance(section, dict) for key, value in section.items()}
+    flags = json.loads(folder.args_file.read_text(encoding="utf-8")).get("args")
+    return {**(flags if isinstance(flags, dict) else {}), **identity}
 
 
 def resolve_source(path: str, which: str, arch: str | None, flag: str, task: CKAMapTask) -> ModelSource:
@@ -99,47 +91,60 @@ def resolve_source(path: str, which: str, arch: str | None, flag: str, task: CKA
             raise CKAMapError(f"{p} is a checkpoint file, which does not record its architecture: pass {flag} ARCH "
                               f"(one of {', '.join(sorted(task.stages))}).")
         return ModelSource(p, _check_arch(arch, task, flag), f"{arch} ({p.name})")
-    checkpoint = p / RUN_CHECKPOINTS[which]
+    folder = RunFolder(p)
+    weights = {"best": folder.best_weights, "last": folder.last_weights}
+    checkpoint = weights[which]
     if not checkpoint.is_file():
         present = sorted(q.name for q in p.glob("*.pth"))
         other = "last" if which == "best" else "best"
-        fix = f"Try --which {other}, or pass" if (p / RUN_CHECKPOINTS[other]).is_file() else "Pass"
+        fix = f"Try --which {other}, or pass" if weights[other].is_file() else "Pass"
         raise CKAMapError(f"{checkpoint} does not exist (the folder holds {present or 'no .pth file'}). {fix} a run "
-                          f"folder of {task.name}/train.py (student_last.pth appears when a run finishes, "
-                          "student_best.pth when an evaluation first beats 0% top-1) or a checkpoint file.")
-    run_args = read_run_args(p)
-    recorded = run_args.get("student") if run_args else None
+                          f"folder of {task.name}/train.py ({folder.last_weights.name} appears when a run finishes, "
+                          f"{folder.best_weights.name} when an evaluation first beats 0% top-1) or a checkpoint file.")
+    try:
+        settings = read_run_settings(folder)
+    except RunError as err:
+        raise CKAMapError(f"cannot read the settings of run {p}: {err} To map its weights anyway, pass the file "
+                          f"{checkpoint} with {flag} ARCH (and the teacher as the first argument).") from err
+    recorded = settings.get("student") if settings else None
     if recorded is None and arch is None:
-        raise CKAMapError(f"{p} has no args.json naming its architecture: pass {flag} ARCH.")
+        raise CKAMapError(f"{p} has no {folder.args_file.name} naming its architecture: pass {flag} ARCH.")
     if recorded is not None and arch is not None and arch != recorded:
-        raise CKAMapError(f"{flag} {arch} contradicts {p / 'args.json'}, which says the student is {recorded}; "
+        raise CKAMapError(f"{flag} {arch} contradicts {folder.args_file}, which says the student is {recorded}; "
                           f"drop {flag} or pass another folder.")
     arch = _check_arch(arch or recorded, task, flag)
-    if run_args:
-        method = run_args.get("method") or ("rcka" if run_args.get("teacher") else "ce")
-        label = f"{arch} {method} seed{run_args.get('seed', '?')}"
-    else:
-        label = f"{arch} ({p.name})"
-    return ModelSource(checkpoint, arch, label, run_args)
+    label = f"{arch} {settings.get('method')} seed{settings.get('seed')}" if settings else f"{arch} ({p.name})"
+    return ModelSource(checkpoint, arch, label, settings)
 
 
 def teacher_of(students: Sequence[ModelSource], args: argparse.Namespace, task: CKAMapTask) -> ModelSource:
-    """The teacher the run folders ``students`` were distilled from (the same one for all of them)."""
+    """The teacher the run folders ``students`` were distilled from (the same one for all of them).
+
+    The file is found as the run found it (the task's ``teacher_checkpoint``) and must have the sha256 the run
+    recorded, so a map never shows a teacher other than the one the student learnt from.
+    """
     found = {}
     for s in students:
         if not s.run_args or not s.run_args.get("teacher"):
             raise CKAMapError(f"{s.label} ({s.checkpoint}) does not come from a distillation run with a teacher: "
                               "pass the model to compare with (the teacher) as the first argument, with --arch_a.")
         try:
-            found[s.label] = (s.run_args["teacher"], str(task.teacher_checkpoint(s.run_args, args)))
+            path = Path(task.teacher_checkpoint(s.run_args, args))
         except FileNotFoundError as err:  # the task's own "teacher not found" error, which says how to get it
-            raise CKAMapError(f"the teacher of {s.label} ({s.checkpoint.parent / 'args.json'}): {err} Or pass the "
-                              "teacher checkpoint as the first argument, with --arch_a.") from err
-    if len(set(found.values())) > 1:
-        raise CKAMapError(f"the runs were distilled from different teachers ({found}); pass the teacher to compare "
-                          "against as the first argument, with --arch_a.")
-    arch, checkpoint = next(iter(found.values()))
-    return ModelSource(Path(checkpoint), _check_arch(arch, task, "the run's teacher"), f"{arch} (teacher)")
+            raise CKAMapError(f"the teacher of {s.label} ({s.checkpoint.parent}): {err} Or pass the teacher "
+                              "checkpoint as the first argument, with --arch_a.") from err
+        recorded = s.run_args.get("teacher_sha256")
+        if recorded and file_sha256(path) != recorded:
+            raise CKAMapError(f"{path} is not the teacher {s.label} ({s.checkpoint.parent}) was distilled from: its "
+                              f"sha256 differs from the run's record ({recorded[:12]}...). Pass that teacher's "
+                              "checkpoint as the first argument, with --arch_a.")
+        found[s.label] = (s.run_args["teacher"], recorded or str(path), path)
+    if len({(arch, key) for arch, key, _ in found.values()}) > 1:
+        raise CKAMapError(f"the runs were distilled from different teachers "
+                          f"({ {label: str(path) for label, (_, _, path) in found.items()} }); pass the teacher to "
+                          "compare against as the first argument, with --arch_a.")
+    arch, _, path = next(iter(found.values()))
+    return ModelSource(path, _check_arch(arch, task, "the run's teacher"), f"{arch} (teacher)")
 
 
 def output_name(labels: Sequence[str]) -> str:
@@ -163,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: CKAMapTask) -> None:
                              f"args.json names it); one of: {', '.join(archs)}")
     parser.add_argument("--arch_b", default=None, choices=archs, metavar="ARCH",
                         help="architecture of the columns' model(s), needed for checkpoint files")
-    parser.add_argument("--which", default="best", choices=tuple(RUN_CHECKPOINTS),
+    parser.add_argument("--which", default="best", choices=("best", "last"),
                         help="which weights of a run folder: student_best.pth (default) or student_last.pth")
     # ---- layers
     parser.add_argument("--layers_a", default=None, metavar="NAMES",

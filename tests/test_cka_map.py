@@ -177,7 +177,8 @@ def test_bad_input_gives_a_clear_error(case, error, message, cifar_root, teacher
     }[case]
     if case == "run without a teacher":
         torch.save({"model": {}}, tmp_path / "student_best.pth")
-        (tmp_path / "args.json").write_text(json.dumps({"args": {"student": "resnet8", "teacher": None}}))
+        (tmp_path / "args.json").write_text(json.dumps({"identity": {"student": "resnet8", "teacher": None,
+                                                                     "method": "ce", "seed": 0}}))
     data = tmp_path / "empty" if case == "missing dataset" else cifar_root
     with pytest.raises(error, match=message):
         run_map(data, tmp_path / "out", *args)
@@ -213,11 +214,29 @@ def test_layer_whose_output_is_not_a_tensor_is_an_error():
 
 
 def test_run_settings_are_the_flags_overlaid_with_the_resolved_identity(tmp_path):
-    from common.cka_map import read_run_args
+    from common.cka_map import read_run_settings
+    from common.run import RunFolder
 
-    (tmp_path / "args.json").write_text(json.dumps({"args": {"student": "resnet8", "method": None, "seed": 1},
-                                                    "identity": {"method": "rcka", "seed": 1}}))
-    assert read_run_args(tmp_path) == {"student": "resnet8", "method": "rcka", "seed": 1}
-    (tmp_path / "args.json").write_text(json.dumps({"argv": []}))
-    with pytest.raises(CKAMapError, match="neither an 'args' nor an 'identity' section"):
-        read_run_args(tmp_path)
+    (tmp_path / "args.json").write_text(json.dumps({"args": {"student": "resnet8", "method": None, "zoo_dir": "z"},
+                                                    "identity": {"student": "resnet8", "method": "rcka", "seed": 1}}))
+    assert read_run_settings(RunFolder(tmp_path)) == {"student": "resnet8", "method": "rcka", "seed": 1, "zoo_dir": "z"}
+
+
+def test_run_folder_without_an_identity_is_a_clear_error(tmp_path, teacher_ckpt, cifar_root):
+    (tmp_path / "student_best.pth").write_bytes(teacher_ckpt.read_bytes())
+    (tmp_path / "args.json").write_text(json.dumps({"args": {"student": "resnet8"}}))
+    with pytest.raises(CKAMapError, match="cannot read the settings of run .*no \"identity\".*pass the file"):
+        run_map(cifar_root, tmp_path / "out", str(tmp_path))
+
+
+def test_teacher_other_than_the_one_the_run_learnt_from_is_refused(tmp_path, runs, cifar_root):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("args.json", "student_last.pth"):
+        (run / name).write_bytes((runs["kd"] / name).read_bytes())
+    other_zoo = write_teacher_zoo(tmp_path / "other_zoo", "resnet8", seed=7)
+    record = json.loads((run / "args.json").read_text())
+    record["args"]["zoo_dir"] = str(other_zoo)
+    (run / "args.json").write_text(json.dumps(record))
+    with pytest.raises(CKAMapError, match="is not the teacher resnet8 kd seed0 .* was distilled from: its sha256"):
+        run_map(cifar_root, tmp_path / "out", str(run), "--which", "last")
