@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.losses import PCKALoss
+from common.patches import patch_grid
 
 __all__ = ["DEFAULTS", "DistillError", "FPNDistillLoss", "dense_kd_loss", "method_name", "plan_levels", "resolve_inter_weight"]
 
@@ -195,6 +196,13 @@ class FPNDistillLoss(nn.Module):
                     f"FPN level {name}: student map {tuple(fs.shape)} vs teacher map {tuple(ft.shape)}. Both "
                     f"models must see the same padded batch: give them the same backbone strides and "
                     f"MODEL.*.SIZE_DIVISIBILITY / padding.")
+            rows, cols = patch_grid(fs.shape[-2], fs.shape[-1], self.pcka.patch_size)
+            if rows * cols < 2 and (self.pcka.intra_weight > 0 or self.pcka.inter_weight > 0):
+                # One patch has no patch x patch Gram to compare (its CKA is undefined).
+                raise DistillError(
+                    f"FPN level {name} is {fs.shape[-2]}x{fs.shape[-1]}, a single {self.pcka.patch_size}x"
+                    f"{self.pcka.patch_size} patch; PCKA needs at least 2. Lower MODEL.PCKA.PATCH_SIZE, drop the "
+                    f"level from MODEL.PCKA.IN_FEATURES, or use larger images.")
             student[name], teacher[name] = fs, ft
         terms = {}
         if self.pcka.intra_weight > 0 or self.pcka.inter_weight > 0:
