@@ -38,15 +38,19 @@ def _fpn_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (spec.channels, spec.stride) for name, spec in sorted(shapes.items(), key=lambda kv: kv[1].stride)}
 
 
-def load_teacher_weights(teacher: nn.Module, weights: str) -> None:
-    """Loads the teacher's checkpoint, failing on any missing or mis-shaped weight.
+class _RecordingCheckpointer(DetectionCheckpointer):
+    """Keeps what detectron2's loading left out (it only logs it): for a teacher, a missing weight is an error."""
 
-    detectron2's Checkpointer.load only logs such keys, which for a teacher would mean distilling from random
-    layers; _load_file/_load_model are its own two steps, used here to see what it left out.
-    """
-    checkpointer = DetectionCheckpointer(teacher)
-    checkpoint = checkpointer._load_file(checkpointer.path_manager.get_local_path(weights))
-    incompatible = checkpointer._load_model(checkpoint)
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def load_teacher_weights(teacher: nn.Module, weights: str) -> None:
+    """Loads the teacher's checkpoint, failing on any missing or mis-shaped weight (random teacher layers)."""
+    checkpointer = _RecordingCheckpointer(teacher)
+    checkpointer.load(weights)
+    incompatible = checkpointer.incompatible
     if incompatible.missing_keys or incompatible.incorrect_shapes:
         shown = (incompatible.missing_keys + [k for k, *_ in incompatible.incorrect_shapes])[:5]
         raise DistillError(f"the teacher checkpoint {weights} does not fit the teacher config: "

@@ -244,7 +244,10 @@ def run(args: argparse.Namespace, resume: bool) -> dict:
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=resume)
-    results = trainer.train()
+    trainer.train()
+    # DefaultTrainer's EvalHook evaluates after the last iteration and keeps the result here (train() returns it
+    # only with TEST.EXPECTED_RESULTS); a run resumed after that evaluation evaluates again.
+    results = getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
     if comm.is_main_process():
         finish(cfg, trainer, results)
     comm.synchronize()
