@@ -20,6 +20,7 @@ maps of detectron2 models. Three terms, each off at weight 0:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -196,18 +197,21 @@ class FPNDistillLoss(nn.Module):
                     f"FPN level {name}: student map {tuple(fs.shape)} vs teacher map {tuple(ft.shape)}. Both "
                     f"models must see the same padded batch: give them the same backbone strides and "
                     f"MODEL.*.SIZE_DIVISIBILITY / padding.")
-            rows, cols = patch_grid(fs.shape[-2], fs.shape[-1], self.pcka.patch_size)
-            if rows * cols < 2 and (self.pcka.intra_weight > 0 or self.pcka.inter_weight > 0):
-                # One patch has no patch x patch Gram to compare (its CKA is undefined).
-                raise DistillError(
-                    f"FPN level {name} is {fs.shape[-2]}x{fs.shape[-1]}, a single {self.pcka.patch_size}x"
-                    f"{self.pcka.patch_size} patch; PCKA needs at least 2. Lower MODEL.PCKA.PATCH_SIZE, drop the "
-                    f"level from MODEL.PCKA.IN_FEATURES, or use larger images.")
             student[name], teacher[name] = fs, ft
         terms = {}
         if self.pcka.intra_weight > 0 or self.pcka.inter_weight > 0:
+            # A level whose map is one patch has a 1 x 1 Gram: the released code's uncentred CKA of it is exactly 1,
+            # so its term is 0 with no gradient, and (centred) CKA is undefined. Such levels are left out, which
+            # is the same sum. It happens on real batches: a square 800 x 800 batch makes p6 13 x 13, one patch.
+            size = self.pcka.patch_size
+            multi = [n for n in self.levels if math.prod(patch_grid(*student[n].shape[-2:], size)) >= 2]
+            if not multi:
+                sizes = {n: tuple(student[n].shape[-2:]) for n in self.levels}
+                raise DistillError(f"every FPN level is a single {size}x{size} patch ({sizes}); PCKA needs at least "
+                                   f"2 in some level. Lower MODEL.PCKA.PATCH_SIZE or use larger images.")
             # Names kept as dict keys, so an error names the FPN level.
-            terms["loss_pcka"] = sum(self.pcka.terms(feats_s=student, feats_t=teacher).values())
+            pairs_s, pairs_t = {n: student[n] for n in multi}, {n: teacher[n] for n in multi}
+            terms["loss_pcka"] = sum(self.pcka.terms(feats_s=pairs_s, feats_t=pairs_t).values())
         if self.mimic_weight > 0:
             mse = [F.mse_loss(student[n].float(), teacher[n].float()) for n in self.levels]
             terms["loss_mimic"] = self.mimic_weight * torch.stack(mse).mean()

@@ -62,7 +62,9 @@ def run_state(run: Run, queue: dict[str, str] | None) -> tuple[str, str]:
     done = run.output_dir / "done.json"
     if done.exists():
         summary = json.loads(done.read_text())
-        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1") if key in summary]
+        # Classification runs report top-1, detection runs (coco_detection) box AP.
+        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1", "AP")
+                  if isinstance(summary.get(key), (int, float))]
         return "done", ", ".join(scores)
     record_path = run.output_dir / JOB_RECORD
     if not record_path.exists():

@@ -112,10 +112,14 @@ def test_mimic_is_the_mean_squared_error_averaged_over_levels():
     assert terms["loss_mimic"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_a_level_of_a_single_patch_is_an_error_with_the_fix():
-    loss = FPNDistillLoss(["p6"], patch_size=16)
+def test_a_single_patch_level_adds_nothing_and_all_single_patch_levels_are_an_error():
+    loss = FPNDistillLoss(["p5", "p6"], patch_size=16)
+    s = {"p5": torch.randn(2, 8, 32, 32), "p6": torch.randn(2, 8, 8, 8)}
+    t = {"p5": torch.randn(2, 8, 32, 32), "p6": torch.randn(2, 8, 8, 8)}
+    only_p5 = FPNDistillLoss(["p5"], patch_size=16).terms({"p5": s["p5"]}, {"p5": t["p5"]})["loss_pcka"]
+    assert loss.terms(s, t)["loss_pcka"].item() == pytest.approx(only_p5.item())
     with pytest.raises(DistillError, match="PATCH_SIZE"):
-        loss.terms({"p6": torch.randn(2, 8, 8, 8)}, {"p6": torch.randn(2, 8, 8, 8)})
+        FPNDistillLoss(["p6"], patch_size=16).terms({"p6": s["p6"]}, {"p6": t["p6"]})
 
 
 def test_maps_of_different_sizes_are_an_error_naming_the_level():

@@ -43,9 +43,9 @@ def parse(config, output_dir, shapes, *opts):
 
 @pytest.fixture(scope="module")
 def teacher(shapes, tmp_path_factory):
-    """A RetinaNet trained alone for 10 iterations: the teacher of the distillation tests."""
+    """A RetinaNet trained alone for 6 iterations: the teacher of the distillation tests."""
     output_dir = tmp_path_factory.mktemp("runs") / "teacher"
-    summary = train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(10)))
+    summary = train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(6)))
     return output_dir, summary
 
 
@@ -57,15 +57,16 @@ def student_args(output_dir, shapes, teacher_dir, max_iter, *opts, checkpoint_pe
 def test_training_alone_evaluates_with_coco_evaluator_to_the_six_box_ap_numbers(teacher):
     output_dir, summary = teacher
     assert all(key in summary for key in AP_KEYS)
-    assert isinstance(summary["AP"], float) and 0 <= summary["AP"] <= 100
+    # COCOeval gives NaN (None here) for a size class without ground truth; the overall numbers always exist.
+    assert all(isinstance(summary[key], float) and 0 <= summary[key] <= 100 for key in ("AP", "AP50", "AP75"))
     done = json.loads((output_dir / "done.json").read_text())
-    assert done["method"] == "alone" and done["config"] == "retinanet_R50" and done["iterations"] == 10
+    assert done["method"] == "alone" and done["config"] == "retinanet_R50" and done["iterations"] == 6
     assert (output_dir / "model_final.pth").is_file() and (output_dir / "config.yaml").is_file()
 
 
 def test_distilled_student_trains_with_loss_pcka_and_leaves_the_teacher_unchanged(teacher, shapes, tmp_path):
     teacher_dir, _ = teacher
-    summary = train.main(student_args(tmp_path / "student", shapes, teacher_dir, 6))
+    summary = train.main(student_args(tmp_path / "student", shapes, teacher_dir, 3))
     assert summary["method"] == "pcka" and all(key in summary for key in AP_KEYS)
     metrics = [json.loads(line) for line in (tmp_path / "student" / "metrics.json").read_text().splitlines()]
     pcka = [m["loss_pcka"] for m in metrics if "loss_pcka" in m]
@@ -88,7 +89,7 @@ def test_pcka_alone_decreases_and_the_teacher_gets_no_gradient(teacher, shapes, 
     batch = next(iter(build_detection_train_loader(cfg)))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
     values = []
-    for step in range(8):
+    for step in range(5):
         with EventStorage(step):  # detectron2's heads log to it
             loss = model(batch)["loss_pcka"]
         assert torch.isfinite(loss)
@@ -108,14 +109,14 @@ def test_pcka_alone_decreases_and_the_teacher_gets_no_gradient(teacher, shapes, 
 def test_resume_after_a_kill_continues_from_the_last_checkpoint(teacher, shapes, tmp_path):
     teacher_dir, _ = teacher
     output_dir = tmp_path / "killed"
-    args = student_args(output_dir, shapes, teacher_dir, 16, checkpoint_period=2)
+    args = student_args(output_dir, shapes, teacher_dir, 8, checkpoint_period=2)
     argv = [sys.executable, "-m", "coco_detection.train", "--config-file", args.config_file,
             "--output_dir", str(output_dir), *shapes, *args.opts]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tag = output_dir / "last_checkpoint"
     deadline = time.time() + 240
-    while time.time() < deadline and not (tag.is_file() and tag.read_text() >= "model_0000003.pth"):
+    while time.time() < deadline and not (tag.is_file() and tag.read_text() >= "model_0000001.pth"):
         time.sleep(0.2)
         assert process.poll() is None, "the training process ended before it saved a checkpoint"
     process.send_signal(signal.SIGKILL)
@@ -126,15 +127,15 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(teacher, shapes,
     train.main(args)  # the same command again
     log = (output_dir / "log.txt").read_text()
     assert f"Starting training from iteration {iteration + 1}" in log
-    assert json.loads((output_dir / "done.json").read_text())["iterations"] == 16
+    assert json.loads((output_dir / "done.json").read_text())["iterations"] == 8
 
 
 def test_a_finished_run_says_so_and_a_different_config_in_its_folder_is_refused(teacher, shapes, capsys):
     output_dir, _ = teacher
-    assert train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(10)))["AP"] is not None
+    assert train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(6)))["AP"] is not None
     assert "Nothing to do" in capsys.readouterr().out
     with pytest.raises(train.UsageError, match="different run"):
-        train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(11)))
+        train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(7)))
 
 
 def test_a_missing_teacher_config_is_a_clear_error(shapes, tmp_path):
