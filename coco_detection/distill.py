@@ -8,10 +8,10 @@ maps of detectron2 models. Three terms, each off at weight 0:
   mmrazor) uses the first four FPN levels, 16 x 16 patches, weight 10 and uncentred CKA; it adds the inter
   term for two-stage detectors only, multiplied by the intra weight. Those are the defaults here.
 * ``loss_mimic``: FPN feature imitation, the "mimic" of Table 3's "Ours + mimic" rows. The paper does not
-  define it and its code does not release it. We implement the plain form from the detection-KD literature it
-  cites (FitNets / Li et al. 2017 "Mimicking very efficient networks", applied to whole FPN maps as DIST's
-  "+ mimic" rows do): the mean squared error between student and teacher maps of the same levels, averaged
-  over levels, weight 1 when switched on. It needs no extra parameters when the channels agree (256 in every
+  define it and its code does not release it. We implement the plainest form of feature imitation (FitNets;
+  Li et al. 2017, "Mimicking very efficient networks for object detection"), on whole FPN maps: the mean
+  squared error between student and teacher maps of the same levels, averaged over levels, weight 1 when
+  switched on. It needs no extra parameters when the channels agree (256 in every
   detectron2 FPN), so it adds nothing at inference.
 * ``loss_kd``: KD on the class logits of one-stage heads (RetinaNet, FCOS: per-class sigmoids, not a
   softmax), the Table 3 "KD" row: the Bernoulli KL divergence between teacher and student class probabilities
