@@ -106,6 +106,7 @@ def test_pcka_alone_decreases_and_the_teacher_gets_no_gradient(teacher, shapes, 
     assert "instances" in outputs[0]  # inference is the student's detector output
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_continues_from_the_last_checkpoint(teacher, shapes, tmp_path):
     teacher_dir, _ = teacher
     output_dir = tmp_path / "killed"
