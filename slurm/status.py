@@ -55,9 +55,10 @@ def run_state(run: Run, queue: dict[str, str] | None) -> tuple[str, str]:
     `queue` must be read before this is called: a job that leaves the queue has written done.json by then.
     """
     folder = read_run(run.output_dir)
+    # Classification runs report top-1, detection runs (coco_detection) box AP.
     if folder.state == "done":
         summary = folder.summary
-        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1")
+        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1", "AP")
                   if isinstance(summary.get(key), (int, float))]
         return "done", ", ".join(scores)
     if folder.state == "corrupt":
