@@ -8,8 +8,9 @@
 Config options go at the end as detectron2's "KEY VALUE" pairs. The run folder (OUTPUT_DIR) defaults to
 output/coco_detection/<config name>/<overrides>, so different settings never share one. Unlike detectron2's
 train_net.py, rerunning the same command resumes from the folder's last checkpoint without --resume (the
-project's convention, which SLURM requeueing relies on); --resume is accepted. A finished run (done.json) says so
-and exits. A different config in an existing run folder is refused.
+project's convention, which SLURM requeueing relies on); --resume is accepted. The run folder's record (identity,
+history of starts and ends, result) is common/run.py's: a finished run says so and exits, and a different config
+in an existing run folder is refused with the settings that differ.
 """
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ from pathlib import Path
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, launch
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.collect_env import collect_env_info
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 import coco_detection.meta_arch  # noqa: F401  (registers DistillationDetector with META_ARCH_REGISTRY)
 from coco_detection.config import add_distillation_config, build_teacher_cfg
@@ -35,10 +39,16 @@ from coco_detection.data import DatasetError, check_datasets, register_coco_data
 from coco_detection.distill import DistillError, method_name, resolve_inter_weight
 from common import dist
 from common.checkpoint import atomic_write, save_atomic
-from common.logging import run_metadata, write_json_atomic
+from common.logging import write_json_atomic
+from common.run import RunError, RunFolder, file_sha256
 
 TASK = "coco_detection"
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Files of this task in the run folder, beside common.run's (args.json, invocations.jsonl, done.json) and
+# detectron2's own (config.yaml, metrics.json, model_*.pth, last_checkpoint, inference/).
+D2_LOG_FILE = "detectron2_log.txt"  # detectron2's text log; see setup_process
+EVAL_FILE = "eval.json"  # --eval-only's result
+STUDENT_FILE = "student_final.pth"  # the distilled student alone
 # Settings that do not change a run's result, left out of its identity so that they may change on resume.
 NOT_IDENTITY = ("OUTPUT_DIR", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD",
                 "TEST.EVAL_PERIOD", "VIS_PERIOD")
@@ -125,49 +135,34 @@ def resolved_method(cfg: CfgNode) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- run folder
+def student_name(cfg: CfgNode) -> str:
+    """The student detector in words, e.g. "RetinaNet R50" (its meta-architecture and ResNet depth)."""
+    arch = cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE if is_distillation(cfg) else cfg.MODEL.META_ARCHITECTURE
+    return f"{arch} R{cfg.MODEL.RESNETS.DEPTH}"
+
+
 def run_identity(cfg: CfgNode, args: argparse.Namespace) -> dict:
-    """What makes two runs the same experiment: the resolved config (less NOT_IDENTITY) and the teacher's bytes."""
+    """What makes two runs the same experiment: the resolved config (less NOT_IDENTITY) and the teacher's bytes.
+
+    The seed is a key of its own, left out of the config's hash, so that reports average runs that differ only in
+    it; the readable keys (method, teacher, student, iterations) are in the hash too and only name the run.
+    """
     resolved = cfg.clone()
     resolved.defrost()
-    for key in NOT_IDENTITY:
+    for key in (*NOT_IDENTITY, "SEED"):
         node, _, leaf = key.rpartition(".")
         target = resolved
         for part in filter(None, node.split(".")):
             target = target[part]
         target[leaf] = None
     identity = {"task": TASK, "config_file": Path(args.config_file).name, "method": resolved_method(cfg),
+                "teacher": cfg.TEACHER.CONFIG_FILE if is_distillation(cfg) else None, "student": student_name(cfg),
+                "iterations": cfg.SOLVER.MAX_ITER, "seed": cfg.SEED,
                 "config_sha256": hashlib.sha256(resolved.dump().encode()).hexdigest()}
     teacher = cfg.TEACHER.WEIGHTS if is_distillation(cfg) else ""
     if teacher and Path(teacher).is_file():  # a URL names its file by hash already
-        identity["teacher_sha256"] = _sha256(teacher)
+        identity["teacher_sha256"] = file_sha256(teacher)
     return identity
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_run_folder(cfg: CfgNode, args: argparse.Namespace) -> tuple[str, dict]:
-    """("new" | "resume" | "finished", identity); a different experiment in the same folder is an error."""
-    output_dir = Path(cfg.OUTPUT_DIR)
-    identity = run_identity(cfg, args)
-    args_path = output_dir / "args.json"
-    if args_path.is_file():
-        recorded = json.loads(args_path.read_text(encoding="utf-8")).get("identity")
-        if recorded != identity:
-            raise UsageError(f"{output_dir} holds a different run ({args_path}: {recorded}, now {identity}); choose "
-                             f"another OUTPUT_DIR / --output_dir, or delete that folder to start over.")
-        if (output_dir / "done.json").is_file():
-            return "finished", identity
-        return "resume", identity
-    if (output_dir / "last_checkpoint").is_file():
-        raise UsageError(f"{output_dir} holds checkpoints but no args.json, so whether they belong to this run is "
-                         f"unknown; choose another OUTPUT_DIR or delete that folder.")
-    return "new", identity
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -233,46 +228,69 @@ def box_ap(results: dict) -> dict[str, float | None]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def run(args: argparse.Namespace, resume: bool) -> dict:
+def setup_process(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """detectron2's default_setup (logging, config.yaml in OUTPUT_DIR, seeds, cudnn) with its text log renamed.
+
+    default_setup names that log OUTPUT_DIR/log.txt, which in this project's run folders is the JSON-lines log
+    (common.run) that status and reports parse; a text log there would make every detection run read as damaged.
+    """
+    output_dir = cfg.OUTPUT_DIR
+    if comm.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+    rank = comm.get_rank()
+    log_file = os.path.join(output_dir, D2_LOG_FILE)
+    setup_logger(log_file, distributed_rank=rank, name="fvcore")
+    logger = setup_logger(log_file, distributed_rank=rank)
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info("Environment info:\n" + collect_env_info())
+    logger.info(f"Command line arguments: {args}")
+    if comm.is_main_process():
+        with atomic_write(os.path.join(output_dir, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+        logger.info(f"Running with full config:\n{cfg.dump()}")
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)  # each worker its own, deterministic seed
+    if not args.eval_only:
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
+def run(args: argparse.Namespace, identity: dict) -> dict:
     """One process's work (detectron2's launch starts one per GPU)."""
     cfg = setup_cfg(args)
-    default_setup(cfg, args)  # logging, config.yaml in OUTPUT_DIR, seeds, cudnn
+    setup_process(cfg, args)
     if args.eval_only:
         results = evaluate(cfg, args)
         if comm.is_main_process():
-            write_json_atomic(results, Path(cfg.OUTPUT_DIR) / "eval.json")
+            write_json_atomic(results, Path(cfg.OUTPUT_DIR) / EVAL_FILE)
         return results
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=resume)
+    # Always resume: the folder's identity was checked, so a checkpoint in it is this run's (the project's
+    # convention, which SLURM requeueing relies on; detectron2's --resume is accepted and changes nothing).
+    trainer.resume_or_load(resume=True)
     trainer.train()
     # DefaultTrainer's EvalHook evaluates after the last iteration and keeps the result here (train() returns it
     # only with TEST.EXPECTED_RESULTS); a run resumed after that evaluation evaluates again.
     results = getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
     if comm.is_main_process():
-        finish(cfg, trainer, results)
+        finish(cfg, trainer, results, identity)
     comm.synchronize()
     return results
 
 
-def finish(cfg: CfgNode, trainer: Trainer, results: dict) -> None:
+def finish(cfg: CfgNode, trainer: Trainer, results: dict, identity: dict) -> None:
     output_dir = Path(cfg.OUTPUT_DIR)
     model = trainer.checkpointer.model
     model = getattr(model, "module", model)
     if is_distillation(cfg):
         # The student alone, loadable by its plain config: MODEL.WEIGHTS .../student_final.pth
-        save_atomic({"model": model.student.state_dict(), "iteration": trainer.iter}, output_dir / "student_final.pth")
+        save_atomic({"model": model.student.state_dict(), "iteration": trainer.iter}, output_dir / STUDENT_FILE)
     first = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
     ap = box_ap(results.get(first, results) if first else results)
-    summary = {"task": TASK, "config": Path(cfg_file_of(output_dir)).stem, "method": resolved_method(cfg),
-               "teacher": cfg.TEACHER.CONFIG_FILE if is_distillation(cfg) else None,
-               "seed": cfg.SEED, "iterations": cfg.SOLVER.MAX_ITER, "dataset": first, **ap}
-    write_json_atomic(summary, output_dir / "done.json")
+    summary = {"task": TASK, "config": Path(identity["config_file"]).stem, "method": identity["method"],
+               "teacher": identity["teacher"], "student": identity["student"], "seed": identity["seed"],
+               "iterations": identity["iterations"], "dataset": first, **ap, "identity": identity}
+    RunFolder(output_dir).finish(summary)
     print(f"done: {summary['config']} {summary['method']}: " + ", ".join(
         f"{k} {'—' if v is None else f'{v:.1f}'}" for k, v in ap.items()))
-
-
-def cfg_file_of(output_dir: Path) -> str:
-    return json.loads((output_dir / "args.json").read_text(encoding="utf-8"))["identity"]["config_file"]
 
 
 def launch_settings(args: argparse.Namespace) -> tuple[int, int, str]:
@@ -293,30 +311,51 @@ def main(args: argparse.Namespace) -> dict:
     cfg = setup_cfg(args)
     if is_distillation(cfg):
         build_teacher_cfg(cfg)  # fails now, not after the data loader is built, if the teacher is misnamed
-    state, identity = check_run_folder(cfg, args)
-    output_dir = Path(cfg.OUTPUT_DIR)
-    if state == "finished" and not args.eval_only:
-        summary = json.loads((output_dir / "done.json").read_text(encoding="utf-8"))
-        print(f"{output_dir} is finished (AP {summary.get('AP')}); delete done.json to train again. Nothing to do.")
-        return summary
-    if state == "new" and not args.eval_only:
-        write_json_atomic({"identity": identity, **run_metadata(args)}, output_dir / "args.json")
-    resume = args.resume or state == "resume"
-    if state == "resume" and not args.eval_only:
-        print(f"resuming {output_dir} from its last checkpoint")
+    folder = RunFolder(cfg.OUTPUT_DIR)
+    identity = run_identity(cfg, args)
+    decision = folder.decide(identity, extendable=())  # MAX_ITER shapes the LR schedule: it may not grow
     num_machines, machine_rank, dist_url = launch_settings(args)
-    launch(run, args.num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
-           args=(args, resume))
-    result = output_dir / ("eval.json" if args.eval_only else "done.json")
-    return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else {}
+    if args.eval_only:
+        launch(run, args.num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
+               args=(args, identity))
+        result = folder.path / EVAL_FILE
+        return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else {}
+    if decision.state == "finished":
+        summary = folder.read_done()
+        print(f"{folder.path} is finished (AP {summary.get('AP')}); delete {folder.done_file.name} to train again. "
+              f"Nothing to do.")
+        return summary
+    main_machine = machine_rank == 0  # every machine runs main(); one writes the run's record
+    if main_machine:
+        folder.start(identity, args, decision)
+    if (folder.path / "last_checkpoint").is_file():
+        print(f"resuming {folder.path} from its last checkpoint")
+    try:
+        launch(run, args.num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
+               args=(args, identity))
+    except BaseException as err:
+        if main_machine:
+            if isinstance(err, KeyboardInterrupt):
+                folder.record("interrupted")
+            elif not isinstance(err, SystemExit):
+                folder.record("failed", message=f"{type(err).__name__}: {err}")
+        raise
+    return folder.read_done() or {}
+
+
+# Errors whose message already says what to do: printed without a traceback.
+USER_ERRORS = (UsageError, DistillError, DatasetError, RunError)
 
 
 def cli() -> None:
     args = get_args_parser().parse_args()
     try:
         main(args)
-    except (UsageError, DistillError, DatasetError) as err:
+    except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: rerun the same command to resume from the last checkpoint "
+                         "(SOLVER.CHECKPOINT_PERIOD)") from None
 
 
 if __name__ == "__main__":

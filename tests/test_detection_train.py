@@ -22,6 +22,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from coco_detection import train  # noqa: E402
 from coco_detection.data import DatasetError  # noqa: E402
 from coco_detection.distill import DistillError  # noqa: E402
+from common.run import RunConflictError, read_run  # noqa: E402
 from detection_fixtures import CONFIGS, REPO, distill_overrides, make_shapes_coco, tiny_overrides  # noqa: E402
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -61,7 +62,19 @@ def test_training_alone_evaluates_with_coco_evaluator_to_the_six_box_ap_numbers(
     assert all(isinstance(summary[key], float) and 0 <= summary[key] <= 100 for key in ("AP", "AP50", "AP75"))
     done = json.loads((output_dir / "done.json").read_text())
     assert done["method"] == "alone" and done["config"] == "retinanet_R50" and done["iterations"] == 6
+    assert done["student"] == "RetinaNet R18" and done["teacher"] is None and done["seed"] == 0
     assert (output_dir / "model_final.pth").is_file() and (output_dir / "config.yaml").is_file()
+
+
+def test_the_run_folder_is_common_runs_with_the_identity_in_args_json_and_done_json(teacher):
+    output_dir, _ = teacher
+    record = read_run(output_dir)  # what slurm/status.py and the reports see
+    assert record.state == "done" and record.summary["identity"] == record.identity
+    assert {"config_sha256", "seed", "method", "iterations"} <= record.identity.keys()
+    events = [json.loads(line)["event"] for line in (output_dir / "invocations.jsonl").read_text().splitlines()]
+    assert events[:2] == ["start", "finished"]
+    # detectron2's text log is not the folder's JSON-lines log, which read_run parses.
+    assert (output_dir / train.D2_LOG_FILE).is_file() and not (output_dir / "log.txt").exists()
 
 
 def test_distilled_student_trains_with_loss_pcka_and_leaves_the_teacher_unchanged(teacher, shapes, tmp_path):
@@ -126,7 +139,7 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(teacher, shapes,
     assert last.startswith("model_") and not (output_dir / "done.json").exists()
     iteration = int(last[len("model_"):-len(".pth")])
     train.main(args)  # the same command again
-    log = (output_dir / "log.txt").read_text()
+    log = (output_dir / train.D2_LOG_FILE).read_text()
     assert f"Starting training from iteration {iteration + 1}" in log
     assert json.loads((output_dir / "done.json").read_text())["iterations"] == 8
 
@@ -135,8 +148,22 @@ def test_a_finished_run_says_so_and_a_different_config_in_its_folder_is_refused(
     output_dir, _ = teacher
     assert train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(6)))["AP"] is not None
     assert "Nothing to do" in capsys.readouterr().out
-    with pytest.raises(train.UsageError, match="different run"):
+    with pytest.raises(RunConflictError, match=r"(?s)other settings.*iterations: 6 there, 7 now"):
         train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(7)))
+    # Settings outside the identity (workers, periods) and another seed's folder are not conflicts of this one.
+    assert train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(6),
+                            "DATALOADER.NUM_WORKERS", "1"))["AP"] is not None
+
+
+def test_a_failure_during_training_is_recorded_for_status_and_reports(shapes, tmp_path, monkeypatch):
+    def boom(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train.Trainer, "train", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        train.main(parse("retinanet_R50.yaml", tmp_path / "failed", shapes, *tiny_overrides(2)))
+    record = read_run(tmp_path / "failed")
+    assert record.state == "failed" and record.detail == "RuntimeError: boom"
 
 
 def test_a_missing_teacher_config_is_a_clear_error(shapes, tmp_path):
