@@ -40,7 +40,7 @@ from coco_detection.distill import DistillError, method_name, resolve_inter_weig
 from common import dist
 from common.checkpoint import atomic_write, save_atomic
 from common.logging import write_json_atomic
-from common.run import RunError, RunFolder, file_sha256
+from common.run import RunConflictError, RunError, RunFolder, file_sha256
 
 TASK = "coco_detection"
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -49,6 +49,7 @@ AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 D2_LOG_FILE = "detectron2_log.txt"  # detectron2's text log; see setup_process
 EVAL_FILE = "eval.json"  # --eval-only's result
 STUDENT_FILE = "student_final.pth"  # the distilled student alone
+D2_LAST_CHECKPOINT = "last_checkpoint"  # detectron2's pointer to its newest model_*.pth
 # Settings that do not change a run's result, left out of its identity so that they may change on resume.
 NOT_IDENTITY = ("OUTPUT_DIR", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD",
                 "TEST.EVAL_PERIOD", "VIS_PERIOD")
@@ -185,7 +186,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(f"{name}.pth")
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
+        with atomic_write(os.path.join(self.save_dir, D2_LAST_CHECKPOINT), "w") as f:
             f.write(last_filename_basename)
 
 
@@ -313,6 +314,11 @@ def main(args: argparse.Namespace) -> dict:
         build_teacher_cfg(cfg)  # fails now, not after the data loader is built, if the teacher is misnamed
     folder = RunFolder(cfg.OUTPUT_DIR)
     identity = run_identity(cfg, args)
+    if (folder.path / D2_LAST_CHECKPOINT).is_file() and not folder.args_file.is_file():
+        # common.run knows its own files only; detectron2's checkpoints would otherwise be resumed as this run's.
+        raise RunConflictError(f"{folder.path} holds detectron2 checkpoints but no {folder.args_file.name}, so "
+                               f"whether they belong to this run is unknown; pass another --output_dir, or delete "
+                               f"{folder.path} to start over.")
     decision = folder.decide(identity, extendable=())  # MAX_ITER shapes the LR schedule: it may not grow
     num_machines, machine_rank, dist_url = launch_settings(args)
     if args.eval_only:
@@ -328,7 +334,7 @@ def main(args: argparse.Namespace) -> dict:
     main_machine = machine_rank == 0  # every machine runs main(); one writes the run's record
     if main_machine:
         folder.start(identity, args, decision)
-    if (folder.path / "last_checkpoint").is_file():
+    if (folder.path / D2_LAST_CHECKPOINT).is_file():
         print(f"resuming {folder.path} from its last checkpoint")
     try:
         launch(run, args.num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,

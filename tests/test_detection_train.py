@@ -22,7 +22,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from coco_detection import train  # noqa: E402
 from coco_detection.data import DatasetError  # noqa: E402
 from coco_detection.distill import DistillError  # noqa: E402
-from common.run import RunConflictError, read_run  # noqa: E402
+from common.run import LOG_FILE, RunConflictError, read_run  # noqa: E402
 from detection_fixtures import CONFIGS, REPO, distill_overrides, make_shapes_coco, tiny_overrides  # noqa: E402
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -74,7 +74,7 @@ def test_the_run_folder_is_common_runs_with_the_identity_in_args_json_and_done_j
     events = [json.loads(line)["event"] for line in (output_dir / "invocations.jsonl").read_text().splitlines()]
     assert events[:2] == ["start", "finished"]
     # detectron2's text log is not the folder's JSON-lines log, which read_run parses.
-    assert (output_dir / train.D2_LOG_FILE).is_file() and not (output_dir / "log.txt").exists()
+    assert (output_dir / train.D2_LOG_FILE).is_file() and not (output_dir / LOG_FILE).exists()
 
 
 def test_distilled_student_trains_with_loss_pcka_and_leaves_the_teacher_unchanged(teacher, shapes, tmp_path):
@@ -153,6 +153,13 @@ def test_a_finished_run_says_so_and_a_different_config_in_its_folder_is_refused(
     # Settings outside the identity (workers, periods) and another seed's folder are not conflicts of this one.
     assert train.main(parse("retinanet_R50.yaml", output_dir, shapes, *tiny_overrides(6),
                             "DATALOADER.NUM_WORKERS", "1"))["AP"] is not None
+
+
+def test_detectron2_checkpoints_without_a_run_record_are_not_resumed(shapes, tmp_path):
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "last_checkpoint").write_text("model_0000999.pth")
+    with pytest.raises(RunConflictError, match="detectron2 checkpoints but no args.json"):
+        train.main(parse("retinanet_R50.yaml", tmp_path / "foreign", shapes, *tiny_overrides(2)))
 
 
 def test_a_failure_during_training_is_recorded_for_status_and_reports(shapes, tmp_path, monkeypatch):
