@@ -365,8 +365,10 @@ def main(args: argparse.Namespace) -> dict:
                              f"more, or another --output_dir for a shorter run.")
         if decision.state == "finished":
             summary = run.read_done()
-            dist.print_main(f"{run.path} is finished (last top-1 {summary.get('last_acc1')}, best "
-                            f"{summary.get('best_acc1')}); delete {run.done_file.name} to train again. Nothing to do.")
+            scores = ", ".join(f"{name} top-1 {summary[key]:.2f}" for name, key in (("last", "last_acc1"),
+                               ("best", "best_acc1")) if isinstance(summary.get(key), (int, float)))
+            dist.print_main(f"{run.path} is finished ({scores}); delete {run.done_file.name} to train again. "
+                            f"Nothing to do.")
             return summary
         if dist.is_main_process():
             run.start(identity, args, decision, extra={"derived": cfg})

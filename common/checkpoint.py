@@ -89,14 +89,19 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     except OSError as err:
         raise _write_error(Path(path), err.strerror or str(err)) from err
     except RuntimeError as err:
-        if "write" not in str(err).lower():
+        # torch's zip writer reports a failed write (a full disk among others) as a RuntimeError from its C++
+        # container ("[enforce fail at inline_container.cc] unexpected pos ...", "PytorchStreamWriter failed
+        # writing file ..."), never as an OSError.
+        message = str(err)
+        if not any(mark in message for mark in ("inline_container", "PytorchStreamWriter", "write failed")):
             raise
-        raise _write_error(Path(path), str(err).splitlines()[0]) from err
+        raise _write_error(Path(path), message.splitlines()[0]) from err
 
 
 def _write_error(path: Path, reason: str) -> CheckpointWriteError:
     try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
+        free_bytes = shutil.disk_usage(path.parent).free
+        free = (f"{free_bytes / 2**30:.1f} GiB" if free_bytes >= 2**30 else f"{free_bytes / 2**20:.1f} MiB") + " free there"
     except OSError:
         free = "free space unknown"
     previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written yet"

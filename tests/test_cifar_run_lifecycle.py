@@ -237,6 +237,30 @@ def test_full_disk_says_so_and_keeps_the_last_checkpoint(cifar_root, tmp_path, c
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1.3 MB file system: room for one epoch's checkpoint and best weights of resnet8, not for the next."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1300k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill up ({mounted.stderr.strip() or 'not root'})")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_real_full_disk_stops_clearly_and_resume_continues_from_the_intact_checkpoint(cifar_root, zoo_dir,
+                                                                                        small_tmpfs, capsys):
+    out = small_tmpfs / "run"
+    code, stderr = run_cli_in_process(base(cifar_root, out, zoo_dir, "--epochs", "5"), capsys)
+    assert code == 1 and "could not write" in stderr and "MiB free there" in stderr and "is intact" in stderr
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 0
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert read_run(out).state == "failed"
+
+
 def test_full_disk_while_logging_says_so(cifar_root, tmp_path, capsys, monkeypatch):
     import errno
 
