@@ -139,10 +139,11 @@ def test_bad_run_flags_say_what_to_pass(argv, message):
 
 
 def test_unknown_task_and_task_without_train_py_list_the_available_ones():
-    with pytest.raises(launch.LaunchError, match=r"unknown task 'mnist'; tasks: cifar100"):
+    with pytest.raises(launch.LaunchError, match=r"unknown task 'mnist'; tasks: cifar100, imagenet"):
         launch.main(["mnist"])
-    with pytest.raises(launch.LaunchError, match=r"imagenet/train.py does not exist.*available now: cifar100"):
-        launch.main(["imagenet", "--nodes", "2"])
+    with pytest.raises(launch.LaunchError, match=r"coco_detection/train.py does not exist.*available now: cifar100, "
+                                                 r"imagenet"):
+        launch.main(["coco_detection", "--nodes", "2"])
 
 
 def test_cli_errors_are_one_line_without_traceback():
