@@ -202,6 +202,19 @@ def load_cifar100(
     """Return ``(images, labels)`` of one split: uint8 ``(N, 3, 32, 32)`` and int64 ``(N,)`` fine labels."""
     folder = ensure_cifar100(root, download=download, verify=verify, files=(_split_file(train),))
     path = folder / _split_file(train)
+    try:
+        return _load_split(path)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        # Only reachable for files that skipped the MD5 check (--no_verify_data): the published ones load.
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        raise DatasetIntegrityError(
+            f"{path} cannot be read as a CIFAR-100 file ({type(err).__name__}: {message}). It is damaged or not the "
+            f"published file: delete {folder} and rerun to download it again, or drop --no_verify_data to check "
+            f"it against the published MD5."
+        ) from None
+
+
+def _load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     entry = _unpickle(path)
     data = _require_key(entry, "data", path)
     labels = _require_key(entry, "fine_labels", path)

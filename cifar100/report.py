@@ -2,29 +2,36 @@
 
     python cifar100/report.py [runs_dir] [--out report.md] [--plot report.png] [--paper_csv paper_results.csv]
 
-Every folder under ``runs_dir`` that holds ``args.json`` or ``done.json`` is a run (the layout train.py writes).
-Finished runs (with ``done.json``) are grouped by (teacher, student, method, epochs) and averaged; runs without
-``done.json`` are listed apart with their progress from ``log.txt`` and never enter a mean.
-``paper_top1`` is also what train.py prints its final accuracy beside.
+The generic part (finding runs, grouping by identity, means, listing runs that are not finished) is
+``common.report``; this module holds what is CIFAR-100's own: the paper's table and how to compare with it.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
-import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-from common.logging import read_jsonl
+from common.losses import METHODS
+from common.report import (
+    group_finished,
+    invalid_summary,
+    markdown_table,
+    mean_std_text,
+    other_runs_lines,
+    plot_bars,
+    summarize_metrics,
+)
+from common.run import RunError, RunRecord, find_runs, folder_suffix
 
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
 PAPER_COLUMNS = ("teacher", "student", "method", "top1", "source")
 # Table 1 of the RCKA paper is the number we reproduce; the CRD/DKD baselines cover pairs and methods it lacks.
 SOURCE_PREFERENCE = ("rcka_table1", "crd_dkd_baselines")
-METHOD_ORDER = ("ce", "kd", "dkd", "fcka", "lcka", "rcka")  # table order: baselines first, ours last
+METRICS = ("last_acc1", "best_acc1")
 DONE_KEYS = ("student", "method", "seed", "last_acc1", "best_acc1")
+UNVERIFIED = "not compared: data not MD5-verified as the published CIFAR-100 (--no_verify_data)"
 
 
 def load_paper_results(path: str | Path | None = None) -> list[dict[str, Any]]:
@@ -78,159 +85,117 @@ def _rank(name: str, order: tuple[str, ...]) -> int:
     return order.index(name) if name in order else len(order)
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); repair it or delete the run folder") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}; repair it or delete the "
-                         f"run folder")
-    return obj
-
-
-def _read_done(path: Path) -> dict[str, Any]:
-    done = _read_json_object(path)
-    missing = [key for key in DONE_KEYS if key not in done]
-    if missing:
-        raise ValueError(f"{path}: malformed done.json, missing {missing}; rerun the training command to rewrite it")
-    if isinstance(done["seed"], bool) or not isinstance(done["seed"], int):
-        raise ValueError(f"{path}: malformed done.json, seed = {done['seed']!r} is not an integer")
-    for key in ("last_acc1", "best_acc1"):
-        if isinstance(done[key], bool) or not isinstance(done[key], (int, float)) or not math.isfinite(done[key]):
-            raise ValueError(f"{path}: malformed done.json, {key} = {done[key]!r} is not a finite number")
-    return {"teacher": done.get("teacher"), "student": done["student"], "method": done["method"], "seed": done["seed"],
-            "epochs": done.get("epochs"), "last_acc1": float(done["last_acc1"]), "best_acc1": float(done["best_acc1"]),
-            "path": path.parent}
-
-
-def _read_progress(folder: Path) -> dict[str, Any]:
-    args_path = folder / "args.json"
-    metadata = _read_json_object(args_path)
-    args = metadata.get("args")
-    if not isinstance(args, dict):
-        raise ValueError(f"{args_path}: malformed args.json, no \"args\" object; it is written by run_metadata(args)")
-    log_path = folder / "log.txt"
-    records = read_jsonl(log_path) if log_path.is_file() else []  # skips a killed run's truncated last line
-    by_epoch = {}
-    for record in records:
-        if not isinstance(record, dict) or "epoch" not in record:
-            raise ValueError(f"{log_path}: a line without \"epoch\" ({record!r}); log.txt holds one object per epoch")
-        by_epoch[record["epoch"]] = record  # a resumed run repeats epochs: the last line wins
-    last = by_epoch[max(by_epoch)] if by_epoch else {}
-    # Epochs counted, not the largest index, so that 0- and 1-based numbering both read right.
-    # --method may be left to its default; train.py stores the method it chose under "derived".
-    method = args.get("method") or (metadata.get("derived") or {}).get("method")
-    return {"teacher": args.get("teacher"), "student": args.get("student"), "method": method,
-            "seed": args.get("seed"), "epochs": args.get("epochs"), "epochs_done": len(by_epoch),
-            "last_acc1": last.get("test_acc1"), "path": folder}
-
-
-def find_runs(runs_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """(finished, unfinished) runs under ``runs_dir``, searched recursively."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise FileNotFoundError(f"runs directory {runs_dir} does not exist; pass the output_dir of your runs or a "
-                                f"folder above them")
-    folders = sorted({path.parent for name in ("args.json", "done.json") for path in runs_dir.rglob(name)})
-    if not folders:
-        raise ValueError(f"no runs found under {runs_dir}: a run folder (train.py's output_dir) holds args.json "
-                         f"(written at start), log.txt (one JSON line per epoch) and, once finished, done.json")
-    finished = [_read_done(f / "done.json") for f in folders if (f / "done.json").is_file()]
-    unfinished = [_read_progress(f) for f in folders if not (f / "done.json").is_file()]
-    return finished, unfinished
-
-
-def summarize(finished: list[dict], results: list[dict] | None = None) -> list[dict[str, Any]]:
-    """One row per (teacher, student, method, epochs): seeds, mean and sample std (ddof=1) of last and best top-1,
-    the paper's number and Δ = last mean − paper. Epochs are part of the key so a short test run never joins a
-    full one. std is None for a single seed."""
-    results = load_paper_results() if results is None else results
-    groups: dict[tuple, list[dict]] = {}
-    for run in finished:
-        groups.setdefault((run["teacher"], run["student"], run["method"], run["epochs"]), []).append(run)
-
-    def order(key: tuple) -> tuple:
-        teacher, student, method, epochs = key
-        return (teacher is not None, str(teacher), str(student), _rank(method, METHOD_ORDER), str(method), epochs or 0)
-
+def pair_references(teacher: str | None, student: str, results: list[dict] | None = None) -> list[dict]:
+    """Every published number for this pair (one per method, preferred source first), in METHODS order."""
     rows = []
-    for key in sorted(groups, key=order):
-        runs = sorted(groups[key], key=lambda run: run["seed"])
-        row = dict(zip(("teacher", "student", "method", "epochs"), key), seeds=[run["seed"] for run in runs])
-        for name in ("last", "best"):
-            values = [run[f"{name}_acc1"] for run in runs]
-            row[f"{name}_mean"] = statistics.mean(values)
-            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
-        paper = paper_row(key[0], key[1], key[2], results)
+    for method in METHODS:
+        row = paper_row(teacher, student, method, results) if teacher is not None else None
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def _paper_text(row: dict) -> str:
+    return f"{row['top1']:.2f}" + ("" if row["source"] == "rcka_table1" else "†")
+
+
+def compare_with_paper(acc1: float, teacher: str | None, student: str, method: str, verified: bool,
+                       results: list[dict] | None = None) -> str:
+    """What the RESULT line says beside our number."""
+    if not verified:
+        return UNVERIFIED
+    row = paper_row(teacher, student, method, results)
+    if row is not None:
+        return f"paper {_paper_text(row)} (diff {acc1 - row['top1']:+.2f})" + (
+            "" if row["source"] == "rcka_table1" else f" († from {row['source']})")
+    others = pair_references(teacher, student, results)
+    if others:
+        listed = ", ".join(f"{r['method']} {_paper_text(r)}" for r in others)
+        return f"the paper has no {method} number for this pair; published for it: {listed} († CRD/DKD baselines)"
+    return "no published number for this pair"
+
+
+def variant_label(identity: dict) -> str:
+    """What differs from the paper's recipe for this pair and method ('' for the recipe itself)."""
+    from cifar100.train import run_identity_of_recipe  # train imports this module: import on use
+
+    recipe = run_identity_of_recipe(identity)
+    return folder_suffix(identity, recipe, ignore=("teacher_sha256", "epochs"))
+
+
+def describe(record: RunRecord) -> str:
+    identity = record.identity or (record.summary or {}).get("identity") or {}
+    pair = identity.get("student", "?") if not identity.get("teacher") else f"{identity['teacher']} → {identity['student']}"
+    return f"{pair}, {identity.get('method', '?')}, seed {identity.get('seed', '?')}"
+
+
+def summarize(records: list[RunRecord], results: list[dict] | None = None) -> list[dict[str, Any]]:
+    """One row per identity (seeds averaged): pair, method, variant, epochs, seeds, last/best mean ± std, the
+    paper's number and Δ = last mean − paper (none for runs on unverified data)."""
+    results = load_paper_results() if results is None else results
+    rows = []
+    for runs in group_finished(records):
+        identity = runs[0].identity or runs[0].summary.get("identity") or {}
+        teacher, student, method = identity.get("teacher"), identity.get("student"), identity.get("method")
+        row = {"teacher": teacher, "student": student, "method": method, "epochs": runs[0].epochs,
+               "variant": variant_label(identity) if identity else "", "paths": [str(r.path) for r in runs],
+               "verified": identity.get("data") != "unverified", **summarize_metrics(runs, METRICS)}
+        paper = paper_row(teacher, student, method, results)
         row["paper"] = None if paper is None else paper["top1"]
         row["paper_source"] = None if paper is None else paper["source"]
-        row["delta"] = None if paper is None else row["last_mean"] - paper["top1"]
+        row["delta"] = (row["last_acc1_mean"] - paper["top1"]
+                        if paper is not None and row["verified"] and row["last_acc1_mean"] is not None else None)
+        row["references"] = [] if paper is not None else pair_references(teacher, student, results)
         rows.append(row)
-    return rows
+
+    def order(row: dict) -> tuple:
+        method = row["method"]
+        return (row["teacher"] is not None, str(row["teacher"]), str(row["student"]),
+                METHODS.index(method) if method in METHODS else len(METHODS), row["variant"], row["epochs"] or 0)
+
+    return sorted(rows, key=order)
 
 
 def pair_name(row: dict) -> str:
     return str(row["student"]) if row["teacher"] is None else f"{row['teacher']} → {row['student']}"
 
 
-def _mean_std(mean: float, std: float | None) -> str:
-    return f"{mean:.2f} ± {'—' if std is None else f'{std:.2f}'}"
+def row_label(row: dict) -> str:
+    return f"{row['method']}{'-' + row['variant'] if row['variant'] else ''}"
 
 
-def format_markdown(rows: list[dict], unfinished: list[dict]) -> str:
-    lines = ["| pair | method | epochs | seeds | last top-1 | best top-1 | paper | Δ |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+def format_markdown(rows: list[dict], records: list[RunRecord]) -> str:
+    cells = []
     for row in rows:
         seeds = f"{len(row['seeds'])} ({', '.join(str(seed) for seed in row['seeds'])})"
-        paper = "—" if row["paper"] is None else f"{row['paper']:.2f}"
-        paper += "†" if row["paper_source"] not in (None, "rcka_table1") else ""
+        if not row["verified"]:
+            paper = "not compared*"
+        elif row["paper"] is not None:
+            paper = f"{row['paper']:.2f}" + ("†" if row["paper_source"] != "rcka_table1" else "")
+        elif row["references"]:
+            paper = "none; pair: " + ", ".join(f"{r['method']} {_paper_text(r)}" for r in row["references"])
+        else:
+            paper = "—"
         delta = "—" if row["delta"] is None else f"{row['delta']:+.2f}"
-        last, best = _mean_std(row["last_mean"], row["last_std"]), _mean_std(row["best_mean"], row["best_std"])
-        lines.append(f"| {pair_name(row)} | {row['method']} | {row['epochs']} | {seeds} | {last} | {best} | {paper} "
-                     f"| {delta} |")
-    if not rows:
-        lines.append("| (no finished runs yet) | | | | | | | |")
+        cells.append((pair_name(row), row_label(row), row["epochs"], seeds,
+                      mean_std_text(row["last_acc1_mean"], row["last_acc1_std"]),
+                      mean_std_text(row["best_acc1_mean"], row["best_acc1_std"]), paper, delta))
+    lines = markdown_table(("pair", "method", "epochs", "seeds", "last top-1", "best top-1", "paper", "Δ"),
+                           "llrlrrrr", cells or [("(no finished runs yet)", "", "", "", "", "", "", "")])
     lines += ["",
               "- Top-1 (%) on the CIFAR-100 test set, mean ± sample std (ddof=1) over seeds; std is — for one seed.",
+              "- method: a suffix names what differs from the paper's recipe for that pair (e.g. rcka-lr0.1); runs "
+              "with different settings are never averaged together.",
               "- paper: Table 1 of the RCKA paper (arXiv 2401.11824); † from the CRD/DKD baselines where Table 1 has "
-              "no number (CRD reports the last epoch, DKD the best, mean of 5 runs). A model trained alone is "
-              "compared with the paper's accuracy for it as a teacher, else as a student alone.",
+              "no number (CRD reports the last epoch, DKD the best, mean of 5 runs). Where neither has this method "
+              "for the pair, the pair's published numbers for other methods are shown instead. A model trained "
+              "alone is compared with the paper's accuracy for it as a teacher, else as a student alone.",
+              f"- *{UNVERIFIED}.",
               "- Δ = last top-1 mean − paper."]
-    if unfinished:
-        lines += ["", "In progress (not in the means above):", ""]
-        for run in sorted(unfinished, key=lambda run: str(run["path"])):
-            acc = "" if run["last_acc1"] is None else f", last test top-1 {run['last_acc1']:.2f}"
-            lines.append(f"- {pair_name(run)}, {run['method']}, seed {run['seed']}: in progress "
-                         f"(epoch {run['epochs_done']}/{run['epochs']}){acc} — {run['path']}")
+    others = other_runs_lines(records, describe)
+    if others:
+        lines += ["", "Not in the table (only finished runs are counted):", "", *others]
     return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: str | Path) -> None:
-    """Bar chart: our last top-1 mean (std as error bar) beside the paper's number, per (pair, method)."""
-    # The Agg canvas directly rather than pyplot: no global backend switch for whoever imports this module.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = range(len(rows))
-    # NaN draws no error bar: one seed has no spread to show.
-    stds = [math.nan if row["last_std"] is None else row["last_std"] for row in rows]
-    ax.bar([i - 0.2 for i in x], [row["last_mean"] for row in rows], 0.4, yerr=stds, capsize=3,
-           label="ours: last top-1, mean ± std")
-    with_paper = [i for i, row in enumerate(rows) if row["paper"] is not None]
-    ax.bar([i + 0.2 for i in with_paper], [rows[i]["paper"] for i in with_paper], 0.4, label="paper")
-    # Bars from zero would hide the 0.5–2 point differences that matter here.
-    values = [row["last_mean"] - (row["last_std"] or 0.0) for row in rows] + [rows[i]["paper"] for i in with_paper]
-    ax.set_ylim(bottom=max(0.0, math.floor(min(values)) - 3))
-    ax.set_xticks(list(x), [f"{pair_name(row)}\n{row['method']}" for row in rows], fontsize=8)
-    ax.set_ylabel("CIFAR-100 test top-1 (%)")
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -244,14 +209,28 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> str:
     results = load_paper_results(args.paper_csv)
-    finished, unfinished = find_runs(args.runs_dir)
-    rows = summarize(finished, results)
-    text = format_markdown(rows, unfinished)
+    records = find_runs(args.runs_dir)
+    if not records:
+        raise RunError(f"no runs found under {args.runs_dir}: a run folder (train.py's output_dir) holds args.json "
+                       f"(written at start), log.txt (one JSON line per epoch) and, once finished, done.json")
+    for record in records:
+        why = invalid_summary(record, DONE_KEYS) if record.state == "done" else None
+        if why:
+            record.state, record.detail = "corrupt", why
+    rows = summarize(records, results)
+    text = format_markdown(rows, records)
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
-    if rows:
-        plot(rows, args.plot or Path(args.runs_dir) / "report.png")
+        print(f"wrote {args.out}")
+    plotted = [row for row in rows if row["last_acc1_mean"] is not None]
+    if plotted:
+        path = plot_bars([f"{pair_name(r)}  {row_label(r)}" for r in plotted], [r["last_acc1_mean"] for r in plotted],
+                         [r["last_acc1_std"] for r in plotted],
+                         [r["paper"] if r["verified"] else None for r in plotted],
+                         args.plot or Path(args.runs_dir) / "report.png", "CIFAR-100 test top-1 (%), last epoch",
+                         "CIFAR-100: ours vs the paper")
+        print(f"wrote {path}")
     return text
 
 
@@ -260,5 +239,5 @@ if __name__ == "__main__":
     cli_args = parser.parse_args()
     try:
         main(cli_args)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
+    except (FileNotFoundError, ValueError, RunError) as err:
+        sys.exit(f"error: {err}")

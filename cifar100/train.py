@@ -10,8 +10,8 @@ Rerunning the same command resumes from output_dir/checkpoint.pth; a finished ru
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
-import json
 import math
 import os
 import sys
@@ -31,12 +31,11 @@ from cifar100.data import (
     load_cifar100,
 )
 from cifar100.models import MODELS, STAGES, build_model
-from cifar100.report import paper_top1
+from cifar100.report import compare_with_paper, paper_row
 from cifar100.teachers import ZOO_TOP1, ZOO_URL, TeacherNotFoundError, resolve_teacher_checkpoint
 from common import dist
 from common.checkpoint import (
     CheckpointError,
-    atomic_write,
     load_checkpoint,
     load_zoo_weights,
     rng_state,
@@ -45,16 +44,9 @@ from common.checkpoint import (
     set_rng_state,
 )
 from common.features import FeatureTaps
-from common.logging import (
-    MetricLogger,
-    SmoothedValue,
-    append_jsonl,
-    git_state,
-    read_jsonl,
-    run_metadata,
-    write_json_atomic,
-)
-from common.losses import METHODS, build_distillation_loss
+from common.logging import MetricLogger, SmoothedValue, git_state
+from common.losses import METHOD_SETTINGS, METHODS, build_distillation_loss
+from common.run import RunError, RunFolder, file_sha256, folder_suffix, identity_differences
 
 # Students trained with LR 0.01 instead of 0.05 in the CRD/DKD recipe (they diverge at 0.05).
 LIGHTWEIGHT_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -91,8 +83,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--kd_weight", type=float, default=0.9, help="weight of the KD term (CRD/DKD recipe: 0.9)")
     parser.add_argument("--kd_temperature", type=float, default=4.0, help="KD temperature (CRD/DKD recipe: 4)")
     parser.add_argument("--dkd_alpha", type=float, default=1.0, help="DKD target-class weight (DKD paper: 1)")
-    parser.add_argument("--dkd_beta", type=float, default=8.0,
-                        help="DKD non-target weight (DKD paper: 8 for most CIFAR pairs, see its configs)")
+    parser.add_argument("--dkd_beta", type=float, default=None,
+                        help="DKD non-target weight. Default per pair, from DKD's released configs "
+                             "(mdistiller configs/cifar100/dkd): 2 for resnet56->resnet20 and resnet110->resnet32, 6 "
+                             "for vgg13->vgg8, vgg13->MobileNetV2, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, 8 otherwise")
     parser.add_argument("--dkd_temperature", type=float, default=4.0, help="DKD temperature (DKD paper: 4)")
     parser.add_argument("--dkd_warmup", type=int, default=20,
                         help="epochs over which the DKD loss ramps up linearly (DKD paper: 20)")
@@ -157,34 +151,158 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+# Per-pair baseline settings of the published recipes, applied as defaults and recorded in the run's identity.
+# DKD's beta: megvii-research/mdistiller configs/cifar100/dkd/*.yaml @ a08d46f (CFG.DKD.BETA = 8.0 elsewhere).
+DKD_BETA = {
+    ("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0,
+    ("vgg13", "vgg8"): 6.0, ("vgg13", "MobileNetV2"): 6.0,
+    ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0,
+}
+DKD_BETA_DEFAULT = 8.0
+# Settings that change a run's result besides the loss's own (common.losses.METHOD_SETTINGS); every other flag
+# (paths, workers, device, print frequency, compile, channels_last) may differ between the starts of one run.
+RECIPE_SETTINGS = ("epochs", "batch_size", "momentum", "weight_decay", "lr_decay_epochs", "lr_decay_rate", "loader",
+                   "amp")
+# May grow when a run is resumed: the LR schedule is indexed by epoch, so training on from epoch k is exactly what
+# a run asked for more epochs from the start would have done.
+EXTENDABLE = ("epochs",)
+
+
 def resolved_method(args: argparse.Namespace) -> str:
     return args.method or ("rcka" if args.teacher else "ce")
 
 
-def default_output_dir(args: argparse.Namespace) -> str:
-    """output/cifar100/<teacher>_<student>/<method>/seed<seed>: one folder per setting, so sweeps never collide."""
-    pair = f"{args.teacher}_{args.student}" if args.teacher else args.student
-    return os.path.join("output", "cifar100", pair, resolved_method(args), f"seed{args.seed}")
+def validate_args(args: argparse.Namespace) -> None:
+    """Flags that are wrong on their own, caught before anything is loaded."""
+    checks = [
+        (args.epochs >= 1, f"--epochs {args.epochs}: train at least 1 epoch"),
+        (args.batch_size >= 2, f"--batch_size {args.batch_size}: CKA needs at least 2 samples per batch"),
+        (args.lr is None or (math.isfinite(args.lr) and args.lr > 0), f"--lr {args.lr}: pass a positive learning rate"),
+        (args.momentum >= 0, f"--momentum {args.momentum}: pass a value >= 0"),
+        (args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: pass a value >= 0"),
+        (args.lr_decay_rate > 0, f"--lr_decay_rate {args.lr_decay_rate}: pass a positive factor"),
+        (all(e >= 1 for e in args.lr_decay_epochs) and list(args.lr_decay_epochs) == sorted(args.lr_decay_epochs),
+         f"--lr_decay_epochs {args.lr_decay_epochs}: pass increasing epochs >= 1"),
+        (0 <= args.seed < 2**32, f"--seed {args.seed}: pass an integer in [0, 2**32)"),
+        (args.print_freq >= 1, f"--print_freq {args.print_freq}: pass a number of iterations >= 1"),
+        (args.num_workers >= 0, f"--num_workers {args.num_workers}: pass 0 (load in the main process) or more"),
+        (args.kd_temperature > 0 and args.dkd_temperature > 0, "--kd_temperature / --dkd_temperature: must be > 0"),
+        (args.dkd_warmup >= 0, f"--dkd_warmup {args.dkd_warmup}: pass a number of epochs >= 0"),
+    ]
+    for name in ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "fcka_weight", "lcka_intra_weight",
+                 "lcka_inter_weight"):
+        value = getattr(args, name)
+        checks.append((value is None or (math.isfinite(value) and value >= 0), f"--{name} {value}: pass a value >= 0"))
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message + ".")
+    method = resolved_method(args)
+    if method != "ce" and not args.teacher:
+        raise UsageError(f"--method {method} distils from a teacher: pass --teacher ARCH (or use --method ce).")
+    if method in ("fcka", "rcka"):
+        stages_s, stages_t = select_stages(args.student, args.fcka_stages), select_stages(args.teacher, args.fcka_stages)
+        if len(stages_s) != len(stages_t):
+            raise UsageError(
+                f"FCKA pairs stages one to one, but {args.student} has stages {stages_s} and {args.teacher} "
+                f"{stages_t}; pick indices both have with --fcka_stages (e.g. '-1')."
+            )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The training device, with a clear error where it does not exist here."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device torch knows; pass cpu or cuda (cuda:N for one GPU)."
+                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}, built "
+                         f"with CUDA {torch.version.cuda}); pass --device cpu, or run where a GPU is visible.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here (cuda:0..).")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: this script trains on cpu or cuda only.")
+    return device
 
 
 def derive_config(args: argparse.Namespace, world_size: int) -> dict:
     """Values that follow from the user's flags, kept apart from them (args is never modified)."""
     method = resolved_method(args)
-    if method != "ce" and not args.teacher:
-        raise UsageError(f"--method {method} distils from a teacher: pass --teacher ARCH (or use --method ce).")
     if args.batch_size % world_size:
-        raise UsageError(f"--batch_size {args.batch_size} (the total batch) must be divisible by the {world_size} processes.")
-    lr = args.lr if args.lr is not None else (0.01 if args.student in LIGHTWEIGHT_STUDENTS else 0.05)
-    ce_weight = args.ce_weight if args.ce_weight is not None else (0.1 if method == "kd" else 1.0)
-    output_dir = args.output_dir or default_output_dir(args)
+        raise UsageError(f"--batch_size {args.batch_size} (the total batch) must be divisible by the {world_size} "
+                         f"processes.")
+    if args.batch_size // world_size < 2:
+        raise UsageError(f"--batch_size {args.batch_size} over {world_size} processes gives "
+                         f"{args.batch_size // world_size} sample(s) per process; CKA needs at least 2: pass "
+                         f"--batch_size {2 * world_size} or more.")
+    teacher = args.teacher if method != "ce" else None
     return {
         "method": method,
-        "lr": lr,
-        "ce_weight": ce_weight,
+        "teacher": teacher,
+        "lr": args.lr if args.lr is not None else (0.01 if args.student in LIGHTWEIGHT_STUDENTS else 0.05),
+        "ce_weight": args.ce_weight if args.ce_weight is not None else (0.1 if method == "kd" else 1.0),
+        "dkd_beta": args.dkd_beta if args.dkd_beta is not None else DKD_BETA.get((teacher, args.student),
+                                                                                  DKD_BETA_DEFAULT),
         "batch_size_per_process": args.batch_size // world_size,
         "world_size": world_size,
-        "output_dir": output_dir,
     }
+
+
+def loss_settings(args: argparse.Namespace, cfg: dict) -> dict:
+    """The flags the losses read, with the derived values in place of their defaults."""
+    return {**vars(args), "dkd_beta": cfg["dkd_beta"]}
+
+
+def run_identity(args: argparse.Namespace, cfg: dict, teacher_sha256: str | None) -> dict:
+    """The resolved settings that change this run's result: what decides new / resume / finished / conflict."""
+    method = cfg["method"]
+    identity = {"task": "cifar100", "teacher": cfg["teacher"], "student": args.student, "method": method,
+                "seed": args.seed, "lr": cfg["lr"], "ce_weight": cfg["ce_weight"],
+                **{key: getattr(args, key) for key in RECIPE_SETTINGS},
+                "data": "unverified" if args.no_verify_data else "cifar-100-python md5-verified"}
+    if cfg["teacher"] is not None:
+        identity["teacher_sha256"] = teacher_sha256
+    settings = loss_settings(args, cfg)
+    identity.update({key: settings[key] for key in METHOD_SETTINGS[method]})
+    if method in ("fcka", "rcka"):
+        identity["fcka_stages"] = args.fcka_stages
+    return identity
+
+
+def run_identity_of_recipe(identity: dict) -> dict:
+    """The identity the paper's recipe gives this run's pair, method and seed: what its variant is measured from."""
+    argv = ["--student", identity["student"], "--seed", str(identity["seed"]), "--method", identity["method"]]
+    recipe_args = get_args_parser(add_help=False).parse_args(
+        argv + (["--teacher", identity["teacher"]] if identity.get("teacher") else []))
+    return run_identity(recipe_args, derive_config(recipe_args, 1), identity.get("teacher_sha256"))
+
+
+def default_output_dir(args: argparse.Namespace) -> str:
+    """output/cifar100/<pair>/<method>[-<what differs from the recipe>]/seed<seed>.
+
+    Settings of the paper's recipe get the plain name, so a rerun of the README's command resumes; every other
+    setting gets its own readable folder (e.g. rcka-lcka_intra_weight5), so sweeps and ablations never collide. A
+    --teacher_ckpt adds the first 8 hex digits of its sha256. Epochs are not in the name: a run may be extended.
+    """
+    cfg = derive_config(args, 1)
+    teacher_sha = _teacher_ckpt_sha256(args) if cfg["teacher"] else None
+    identity = run_identity(args, cfg, teacher_sha)
+    suffix = folder_suffix(identity, run_identity_of_recipe(identity), ignore=("teacher_sha256", *EXTENDABLE))
+    if teacher_sha is not None:
+        suffix = "-".join(filter(None, [suffix, f"teacher{teacher_sha[:8]}"]))
+    pair = f"{cfg['teacher']}_{args.student}" if cfg["teacher"] else args.student
+    method_dir = f"{cfg['method']}-{suffix}" if suffix else cfg["method"]
+    return os.path.join("output", "cifar100", pair, method_dir, f"seed{args.seed}")
+
+
+def _teacher_ckpt_sha256(args: argparse.Namespace) -> str | None:
+    if not args.teacher_ckpt:
+        return None  # the public zoo file: its hash is checked against the run folder's at start
+    if not Path(args.teacher_ckpt).is_file():
+        raise TeacherNotFoundError(f"--teacher_ckpt {args.teacher_ckpt} is not a file; check the path.")
+    return file_sha256(args.teacher_ckpt)
 
 
 def select_stages(arch: str, spec: str) -> list[str]:
@@ -202,64 +320,115 @@ def select_stages(arch: str, spec: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> dict:
-    # ------------------------------------------------------------ set-up
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # ------------------------------------------------------------ set-up: every check before any expensive work
+    validate_args(args)
+    device = resolve_device(args.device)
     info = dist.init_distributed(device)
-    cfg = derive_config(args, info.world_size)
-    output_dir = Path(cfg["output_dir"])
-    done_path = output_dir / "done.json"
-    if done_path.exists() and not args.eval:
-        summary = json.loads(done_path.read_text())
-        dist.print_main(f"{output_dir} is finished (last top-1 {summary['last_acc1']:.2f}, best "
-                        f"{summary['best_acc1']:.2f}); delete done.json to train again. Nothing to do.")
+    try:
+        cfg = derive_config(args, info.world_size)
+        if args.eval:
+            return evaluate_only(args, info)
+        run = RunFolder(args.output_dir or default_output_dir(args))
+        run.check_writable()
+        if dist.is_main_process():  # cheap when present (MD5 of 160 MB), and the first thing a new user lacks
+            ensure_cifar100(args.data_path, download=not args.no_download, verify=not args.no_verify_data)
+        dist.barrier()
+        teacher, teacher_path, teacher_sha256, teacher_meta = None, None, None, {}
+        if cfg["teacher"]:
+            teacher_path = resolve_teacher_checkpoint(args.teacher, args.teacher_ckpt, args.zoo_dir,
+                                                      download=not args.no_download, url=args.zoo_url)
+            teacher_sha256 = file_sha256(teacher_path)
+            teacher = build_model(args.teacher)
+            teacher_meta = load_zoo_weights(teacher, teacher_path, args.teacher)  # fails here on a mismatch
+        elif args.teacher:
+            dist.print_main(f"--method ce trains {args.student} alone: the teacher {args.teacher} is not loaded.")
+        identity = run_identity(args, cfg, teacher_sha256)
+        decision = run.decide(identity, EXTENDABLE)
+        checkpoint = read_resume_checkpoint(args, run, identity) if decision.state != "finished" else None
+        if checkpoint is not None and checkpoint["epoch"] + 1 > args.epochs:
+            raise UsageError(f"{args.resume or run.checkpoint} has already trained {checkpoint['epoch'] + 1} epochs; "
+                             f"--epochs {args.epochs} cannot undo that: pass --epochs {checkpoint['epoch'] + 1} or "
+                             f"more, or another --output_dir for a shorter run.")
+        if decision.state == "finished":
+            summary = run.read_done()
+            dist.print_main(f"{run.path} is finished (last top-1 {summary.get('last_acc1')}, best "
+                            f"{summary.get('best_acc1')}); delete {run.done_file.name} to train again. Nothing to do.")
+            return summary
+        if dist.is_main_process():
+            run.start(identity, args, decision, extra={"derived": cfg})
+        dist.print_main("derived settings: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+        for key, (old, new) in decision.extended.items():
+            dist.print_main(f"--{key} changed from {old} to {new}: training on from the last checkpoint")
+        try:
+            return train(args, cfg, info, run, identity, teacher, teacher_path, teacher_sha256, teacher_meta,
+                         checkpoint)
+        except BaseException as err:
+            if dist.is_main_process():
+                if isinstance(err, KeyboardInterrupt):
+                    run.record("interrupted")
+                elif not isinstance(err, SystemExit):
+                    run.record("failed", message=f"{type(err).__name__}: {err}")
+            raise
+    finally:
         dist.cleanup()
-        return summary
-    torch.manual_seed(args.seed)
-    if dist.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        metadata = run_metadata(args)
-        metadata["derived"] = cfg
-        write_json_atomic(metadata, output_dir / "args.json")
-    dist.print_main("derived settings: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
 
+
+def read_resume_checkpoint(args: argparse.Namespace, run: RunFolder, identity: dict) -> dict | None:
+    """The training checkpoint to resume from (--resume, else the folder's), checked against this run's identity."""
+    path = Path(args.resume) if args.resume else (run.checkpoint if run.checkpoint.exists() else None)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UsageError(f"--resume {path} does not exist; check the path, or leave --resume out to resume from the "
+                         f"run folder's own {run.checkpoint.name}.")
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
+        raise UsageError(f"--resume {path} holds weights only (zoo format), not a training checkpoint: to evaluate "
+                         f"it add --eval; to continue training, resume from a run's {run.checkpoint.name}.")
+    saved = checkpoint.get("identity")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} was written by an older version of this code and records no run identity; "
+                              f"it cannot be resumed safely. Pass another --output_dir, or delete it to start over.")
+    differences = identity_differences(saved, identity, ignore=EXTENDABLE)
+    if differences:
+        lines = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
+        raise CheckpointError(f"{path} belongs to a run with other settings ({lines}): pass the settings it was "
+                              f"trained with, or another --output_dir.")
+    return checkpoint
+
+
+def train(args, cfg, info, run, identity, teacher, teacher_path, teacher_sha256, teacher_meta, checkpoint) -> dict:
+    torch.manual_seed(args.seed)
     # ------------------------------------------------------------ data
-    verify, download = not args.no_verify_data, not args.no_download
-    if dist.is_main_process():
-        ensure_cifar100(args.data_path, download=download, verify=verify)
-    dist.barrier()
     per_process = cfg["batch_size_per_process"]
     if args.loader == "tensor":
         train_images, train_labels = load_cifar100(args.data_path, train=True, download=False, verify=False)
         test_images, test_labels = load_cifar100(args.data_path, train=False, download=False, verify=False)
         common_kw = dict(device=info.device, seed=args.seed, rank=info.rank, world_size=info.world_size,
                          channels_last=args.channels_last)
-        train_loader = TensorLoader(train_images, train_labels, per_process, train=True, **common_kw)
+        # drop_last: a short last batch could hold a single sample, for which CKA is undefined; every process
+        # also takes the same number of steps.
+        train_loader = TensorLoader(train_images, train_labels, per_process, train=True, drop_last=True, **common_kw)
         test_loader = TensorLoader(test_images, test_labels, 256, train=False, **common_kw)
     else:
         common_kw = dict(num_workers=args.num_workers, seed=args.seed, download=False, verify=False,
                          rank=info.rank, world_size=info.world_size)
-        train_loader = build_torchvision_loader(args.data_path, True, per_process, **common_kw)
+        train_loader = build_torchvision_loader(args.data_path, True, per_process, drop_last=True, **common_kw)
         test_loader = build_torchvision_loader(args.data_path, False, 256, **common_kw)
+    if len(train_loader) == 0:
+        raise UsageError(f"the training set gives no full batch of {per_process} per process: lower --batch_size.")
 
     # ------------------------------------------------------------ teacher and student
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     student = build_model(args.student).to(info.device, memory_format=memory_format)
-    teacher = None
-    if args.teacher and cfg["method"] == "ce":
-        dist.print_main(f"--method ce trains {args.student} alone: the teacher {args.teacher} is not loaded.")
-    elif args.teacher:
-        teacher = load_teacher(args, output_dir, info, test_loader, memory_format)
-    criterion = build_distillation_loss(cfg["method"], vars(args)) if teacher is not None else None
-    needs_features = criterion is not None and criterion.needs_features
+    if teacher is not None:
+        check_teacher(args, run, info, teacher, teacher_path, teacher_sha256, teacher_meta, test_loader,
+                      memory_format)
+    criterion = build_distillation_loss(cfg["method"], loss_settings(args, cfg))
     student_taps = teacher_taps = None
-    if needs_features:
-        stages_s, stages_t = select_stages(args.student, args.fcka_stages), select_stages(args.teacher, args.fcka_stages)
-        if len(stages_s) != len(stages_t):
-            raise UsageError(
-                f"FCKA pairs stages one to one, but {args.student} has stages {stages_s} and {args.teacher} "
-                f"{stages_t}; pick indices both have with --fcka_stages (e.g. '-1')."
-            )
-        student_taps, teacher_taps = FeatureTaps(student, stages_s), FeatureTaps(teacher, stages_t)
+    if criterion is not None and criterion.needs_features:
+        student_taps = FeatureTaps(student, select_stages(args.student, args.fcka_stages))
+        teacher_taps = FeatureTaps(teacher, select_stages(args.teacher, args.fcka_stages))
     model = student
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[info.device] if info.device.type == "cuda" else None)
@@ -268,42 +437,30 @@ def main(args: argparse.Namespace) -> dict:
         teacher = torch.compile(teacher) if teacher is not None else None
 
     # ------------------------------------------------------------ loss, optimiser, schedule
-    # A loss with parameters (a projector, say) trains with the student.
+    # A loss with parameters (a projector, say) trains and is checkpointed with the student.
     params = list(student.parameters()) + (list(criterion.parameters()) if criterion is not None else [])
-    optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=args.momentum, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_decay_epochs,
                                                         gamma=args.lr_decay_rate)
 
     # ------------------------------------------------------------ resume
     start_epoch, best_acc1, best_epoch = 0, 0.0, -1
-    checkpoint_path = output_dir / "checkpoint.pth"
-    resume_path = Path(args.resume) if args.resume else (checkpoint_path if checkpoint_path.exists() else None)
-    if resume_path is not None and not args.eval:
-        checkpoint = load_checkpoint(resume_path)
-        check_same_run(checkpoint.get("args", {}), args, resume_path)
+    if checkpoint is not None:
         student.load_state_dict(checkpoint["model"])
+        if criterion is not None and checkpoint.get("criterion"):
+            criterion.load_state_dict(checkpoint["criterion"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         start_epoch, best_acc1, best_epoch = checkpoint["epoch"] + 1, checkpoint["best_acc1"], checkpoint["best_epoch"]
         set_rng_state(checkpoint["rng"])
         if dist.is_main_process():
-            truncate_log(output_dir / "log.txt", start_epoch)
-        dist.print_main(f"resumed from {resume_path} at epoch {start_epoch}/{args.epochs} (best top-1 so far {best_acc1:.2f})")
-
-    # ------------------------------------------------------------ evaluate-only exit
-    if args.eval:
-        if resume_path is None:
-            raise UsageError(f"--eval needs weights: pass --resume PATH, or train first ({checkpoint_path} does not exist).")
-        load_zoo_weights(student, resume_path, args.student)
-        stats = evaluate(student, test_loader, info.device, args.amp)
-        dist.print_main(f"{args.student} from {resume_path}: top-1 {stats['acc1']:.2f}  top-5 {stats['acc5']:.2f}")
-        dist.cleanup()
-        return stats
+            run.repair_log(start_epoch)
+        dist.print_main(f"resumed from {args.resume or run.checkpoint} at epoch {start_epoch}/{args.epochs} (best "
+                        f"top-1 so far {best_acc1:.2f})")
 
     # ------------------------------------------------------------ epoch loop
     dist.print_main(f"training {args.student} with {cfg['method']} for epochs {start_epoch}..{args.epochs - 1} "
-                    f"in {output_dir}")
+                    f"in {run.path}")
     stats = None
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
@@ -313,60 +470,78 @@ def main(args: argparse.Namespace) -> dict:
         lr_scheduler.step()
         dist.broadcast_buffers(student)
         stats = evaluate(student, test_loader, info.device, args.amp)
-        if stats["acc1"] > best_acc1:
+        if best_epoch < 0 or stats["acc1"] > best_acc1:
             best_acc1, best_epoch = stats["acc1"], epoch
             if dist.is_main_process():
-                save_zoo_weights(student, output_dir / "student_best.pth", epoch, best_acc1)
+                save_zoo_weights(student, run.best_weights, epoch, best_acc1)
         log = {"epoch": epoch, "lr": train_stats.pop("lr"),
                **{f"train_{k}": v for k, v in train_stats.items()},
                "test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "test_loss": stats["loss"],
                "best_acc1": best_acc1, "epoch_time": time.time() - start}
         if dist.is_main_process():
-            append_jsonl(log, output_dir / "log.txt")
+            run.append_log(log)
             save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                         "criterion": criterion.state_dict() if criterion is not None else {},
                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "best_acc1": best_acc1,
-                         "best_epoch": best_epoch, "rng": rng_state(), "args": vars(args)}, checkpoint_path)
+                         "best_epoch": best_epoch, "rng": rng_state(), "identity": identity}, run.checkpoint)
         dist.print_main(f"epoch {epoch}: test top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f} "
                         f"(best {best_acc1:.2f} at {best_epoch}), {log['epoch_time']:.0f}s")
 
     # ------------------------------------------------------------ final summary beside the paper
     if stats is None:  # resumed after the last epoch had been checkpointed but before done.json was written
         stats = evaluate(student, test_loader, info.device, args.amp)
-    summary = {"task": "cifar100", "teacher": args.teacher, "student": args.student, "method": cfg["method"],
+    verified = not args.no_verify_data
+    paper = paper_row(cfg["teacher"], args.student, cfg["method"])
+    summary = {"task": "cifar100", "teacher": cfg["teacher"], "student": args.student, "method": cfg["method"],
                "seed": args.seed, "epochs": args.epochs, "last_acc1": stats["acc1"], "last_acc5": stats["acc5"],
-               "best_acc1": best_acc1, "best_epoch": best_epoch,
-               "paper_acc1": paper_top1(args.teacher, args.student, cfg["method"]),
-               "git_commit": git_state()["git_commit"], "output_dir": str(output_dir),
+               "best_acc1": best_acc1, "best_epoch": best_epoch, "data_verified": verified,
+               "paper_acc1": paper["top1"] if paper is not None and verified else None,
+               "identity": identity, "git_commit": git_state()["git_commit"], "output_dir": str(run.path),
                "weights_sha256": state_dict_sha256(student)}
     if dist.is_main_process():
-        save_zoo_weights(student, output_dir / "student_last.pth", args.epochs - 1, stats["acc1"])
-        write_json_atomic(summary, done_path)
-    paper = summary["paper_acc1"]
-    pair = f"{args.teacher} -> {args.student}" if args.teacher else args.student
-    paper_text = f"paper {paper:.2f} (diff {stats['acc1'] - paper:+.2f})" if paper is not None else "no paper number"
+        save_zoo_weights(student, run.last_weights, args.epochs - 1, stats["acc1"])
+        run.finish(summary)
+    pair = f"{cfg['teacher']} -> {args.student}" if cfg["teacher"] else args.student
     dist.print_main(f"RESULT cifar100 {pair} {cfg['method']} seed {args.seed}: last top-1 {stats['acc1']:.2f}, "
-                    f"best {best_acc1:.2f} (epoch {best_epoch}) | {paper_text}")
-    dist.cleanup()
+                    f"best {best_acc1:.2f} (epoch {best_epoch}) | "
+                    f"{compare_with_paper(stats['acc1'], cfg['teacher'], args.student, cfg['method'], verified)}")
     return summary
 
 
-def load_teacher(args, output_dir: Path, info, test_loader, memory_format) -> nn.Module:
-    """Build, load and freeze the teacher; evaluate it against the accuracy its checkpoint claims."""
-    path = resolve_teacher_checkpoint(args.teacher, args.teacher_ckpt, args.zoo_dir,
-                                      download=not args.no_download, url=args.zoo_url)
-    teacher = build_model(args.teacher)
-    meta = load_zoo_weights(teacher, path, args.teacher)
+def evaluate_only(args: argparse.Namespace, info) -> dict:
+    """--eval: the student's test accuracy from --resume (zoo file or checkpoint) or the run folder's checkpoint.
+    Needs no teacher and writes nothing."""
+    path = Path(args.resume) if args.resume else RunFolder(args.output_dir or default_output_dir(args)).checkpoint
+    if not path.is_file():
+        raise UsageError(f"--eval needs weights: {path} does not exist; pass --resume PATH (a checkpoint.pth or a "
+                         f"zoo-format file), or train first.")
+    student = build_model(args.student)
+    load_zoo_weights(student, path, args.student)
+    student.to(info.device)
+    ensure_cifar100(args.data_path, download=not args.no_download, verify=not args.no_verify_data)
+    images, labels = load_cifar100(args.data_path, train=False, download=False, verify=False)
+    loader = TensorLoader(images, labels, 256, train=False, device=info.device, seed=0, rank=info.rank,
+                          world_size=info.world_size)
+    stats = evaluate(student, loader, info.device, args.amp)
+    dist.print_main(f"{args.student} from {path}: top-1 {stats['acc1']:.2f}  top-5 {stats['acc5']:.2f}")
+    return stats
+
+
+def check_teacher(args, run, info, teacher, path, sha256, meta, test_loader, memory_format) -> None:
+    """Freeze the teacher and compare its test accuracy with the one its checkpoint claims (measured once per
+    checkpoint file: the cache is keyed by its sha256)."""
     # no_grad rather than inference_mode: the teacher's outputs enter the student's loss, and
     # autograd cannot save inference tensors for backward.
     teacher.eval().requires_grad_(False).to(info.device, memory_format=memory_format)
     claimed = ZOO_TOP1.get(args.teacher) if not args.teacher_ckpt else meta.get("acc")
-    cache = output_dir / "teacher_eval.json"
-    if cache.exists():
-        measured = json.loads(cache.read_text())["acc1"]
+    cached = run.read_teacher_eval(sha256)
+    if cached is not None:
+        measured = cached["acc1"]
     else:
         measured = evaluate(teacher, test_loader, info.device, args.amp)["acc1"]
         if dist.is_main_process():
-            write_json_atomic({"teacher": args.teacher, "checkpoint": str(path), "acc1": measured, "claimed": claimed}, cache)
+            run.write_teacher_eval(sha256, {"teacher": args.teacher, "checkpoint": str(path), "acc1": measured,
+                                            "claimed": claimed})
     message = f"teacher {args.teacher} ({path}): test top-1 {measured:.2f}"
     if claimed is not None:
         message += f", claimed {float(claimed):.2f}"
@@ -377,7 +552,6 @@ def load_teacher(args, output_dir: Path, info, test_loader, memory_format) -> nn
                 raise TeacherCheckError(warning + " (stopping: --strict_teacher)")
             message = "WARNING: " + warning
     dist.print_main(message)
-    return teacher
 
 
 class TeacherCheckError(RuntimeError):
@@ -386,16 +560,6 @@ class TeacherCheckError(RuntimeError):
 
 class UsageError(ValueError):
     """Flags that do not fit together; the message says which and what to pass instead."""
-
-
-def truncate_log(path: Path, start_epoch: int) -> None:
-    """Drop log lines of epochs >= start_epoch: a run killed after logging an epoch but before checkpointing it
-    redoes that epoch, which would otherwise appear twice."""
-    if not path.exists():
-        return
-    kept = [entry for entry in read_jsonl(path) if entry["epoch"] < start_epoch]
-    with atomic_write(path, "w") as f:
-        f.writelines(json.dumps(entry) + "\n" for entry in kept)
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -413,15 +577,6 @@ def set_loader_epoch(loader, epoch: int) -> None:
         loader.set_epoch(epoch)
     elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
-
-
-def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:
-    for key in ("teacher", "student", "method", "seed"):
-        if key in saved and saved[key] != getattr(args, key):
-            raise CheckpointError(
-                f"{path} belongs to a run with --{key} {saved[key]}, not {getattr(args, key)}: pass another "
-                "--output_dir (or delete that folder to start over)."
-            )
 
 
 def train_one_epoch(model, teacher, criterion, student_taps, teacher_taps, loader, optimizer, epoch, device, args, cfg):
@@ -482,11 +637,24 @@ def evaluate(model, loader, device, amp: bool) -> dict:
 
 # Errors whose message already says what to do: print it without a traceback.
 USER_ERRORS = (DatasetNotFoundError, DatasetIntegrityError, TeacherNotFoundError, TeacherCheckError,
-               CheckpointError, FloatingPointError, UsageError)
+               CheckpointError, FloatingPointError, UsageError, RunError)
 
-if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+
+def cli(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     try:
         main(args)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the run stopped; rerun the same command to resume from its last checkpoint "
+                 "(saved after every epoch).")
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        sys.exit(f"error: cannot write {err.filename or 'a run file'}: {err.strerror}. Files written before are "
+                 f"intact; free space or fix the permissions, then rerun the same command to resume.")
+
+
+if __name__ == "__main__":
+    cli()

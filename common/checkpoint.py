@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -72,10 +73,36 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous file is intact."""
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` such that a kill at any moment leaves either the old file or the new one."""
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+    """``torch.save(obj, path)`` such that a kill at any moment leaves either the old file or the new one.
+
+    A failed write (a full disk shows up as OSError ENOSPC, or as torch's "PytorchStreamWriter failed writing"
+    RuntimeError) raises CheckpointWriteError, which says so and that the previous file is untouched.
+    """
+    try:
+        with atomic_write(path, "wb") as f:
+            torch.save(obj, f)
+    except OSError as err:
+        raise _write_error(Path(path), err.strerror or str(err)) from err
+    except RuntimeError as err:
+        if "write" not in str(err).lower():
+            raise
+        raise _write_error(Path(path), str(err).splitlines()[0]) from err
+
+
+def _write_error(path: Path, reason: str) -> CheckpointWriteError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written yet"
+    return CheckpointWriteError(
+        f"could not write {path} ({reason}; {free}); {previous}. Free disk space (or pick another "
+        f"--output_dir) and rerun the same command: the run resumes from its last checkpoint.")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> Any:
@@ -95,6 +122,10 @@ def _explain_load_error(path: Path, err: Exception, weights_only: bool) -> Check
     # tells which message fits. Quote torch's first line only, without its terminal colour codes.
     message = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
     said = f"(torch.load said: {message.splitlines()[0] if message else type(err).__name__})"
+    if "weights_only" in message:
+        # torch's text then advises weights_only=False, which must never reach a user about a damaged or
+        # unknown file: loading it that way would run whatever code it holds.
+        said = f"(torch.load: {type(err).__name__})"
     refused = weights_only and isinstance(err, pickle.UnpicklingError)
     file_format = _file_format(path)
     if file_format == "zip" and refused:

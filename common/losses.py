@@ -37,6 +37,16 @@ __all__ = ["METHODS", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKD
 # ce: the student alone; kd: Hinton et al.; dkd: Zhao et al.; fcka / lcka: the paper's feature / logit
 # CKA rows; rcka: both, the paper's method.
 METHODS = ("ce", "kd", "dkd", "fcka", "lcka", "rcka")
+# The settings each method's loss reads (build_distillation_loss): part of a run's identity for that method only,
+# so that a flag a method ignores never splits its runs.
+METHOD_SETTINGS = {
+    "ce": (),
+    "kd": ("kd_weight", "kd_temperature"),
+    "dkd": ("dkd_alpha", "dkd_beta", "dkd_temperature", "dkd_warmup"),
+    "fcka": ("fcka_weight", "cka_centered"),
+    "lcka": ("lcka_intra_weight", "lcka_inter_weight", "cka_centered"),
+    "rcka": ("fcka_weight", "lcka_intra_weight", "lcka_inter_weight", "cka_centered"),
+}
 
 
 class DistillationLoss(nn.Module):

@@ -52,6 +52,9 @@ TASKS = {
 
 # Runs that (re)submission sends: never one whose job may still be alive, so no two jobs write one run folder.
 SUBMITTABLE = ("not submitted", "failed")
+# How often submitit requeues a job that reached its time limit (its default, 3, ends a 240-epoch run on a
+# 4-hour partition early); preemptions are requeued without limit. DeiT's run_with_submitit.py uses 30 too.
+MAX_NUM_TIMEOUT = 30
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -117,7 +120,10 @@ class Trainer:
         self.args = args
 
     def __call__(self):
-        submitit.slurm.slurm.SlurmJobEnvironment._requeue = requeue_ignoring_sigterm
+        # The fix replaces a private method of submitit 1.5 (pyproject pins >=1.5,<1.6, the range it is tested
+        # with); should another version lack it, submitit's own requeue stays rather than a broken patch.
+        if hasattr(submitit.slurm.slurm.SlurmJobEnvironment, "_requeue"):
+            submitit.slurm.slurm.SlurmJobEnvironment._requeue = requeue_ignoring_sigterm
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus and "OMP_NUM_THREADS" not in os.environ:
             # Without CPU binding torch would start one thread per core of the node in every task.
@@ -298,9 +304,24 @@ def dry_run(task: str, runs: Sequence[Run], args: argparse.Namespace) -> list[tu
         print(f"[{state}] {run.output_dir}" + (f"  ({detail.splitlines()[0]})" if detail else ""))
         print(f"    {shlex.join(run.command)}")
     todo = [run for run, state, _ in states if state in SUBMITTABLE]
+    for warning in plan_warnings(args):
+        print(f"warning: {warning}")
     print(f"dry run: {summarise(states)}; would submit {len(todo)} (as one job array when more than one) with "
           f"{executor_parameters(args, job_name(task, args))} and job_dir {args.job_dir or default_job_dir(task)}")
     return states
+
+
+def plan_warnings(args: argparse.Namespace) -> list[str]:
+    """What a plan lacks that a real submission needs or most likely wants."""
+    warnings = []
+    if args.timeout_min is None:
+        warnings.append("no --timeout_min: submitting will be refused until you give each job a time limit")
+    if not args.gpus_per_node:
+        device = getattr(args, "device", None)
+        if device != "cpu":
+            warnings.append("no --gpus_per_node: the jobs would get no GPU and train on CPU; pass --gpus_per_node N "
+                            "(or --device cpu if that is what you want)")
+    return warnings
 
 
 def job_name(task: str, args: argparse.Namespace) -> str:
@@ -332,7 +353,7 @@ def submit(task: str, runs: Sequence[Run], args: argparse.Namespace, cluster: st
         return []
     job_dir = os.path.abspath(args.job_dir) if args.job_dir else default_job_dir(task)
     try:
-        executor = submitit.AutoExecutor(folder=job_dir, cluster=cluster)
+        executor = submitit.AutoExecutor(folder=job_dir, cluster=cluster, slurm_max_num_timeout=MAX_NUM_TIMEOUT)
     except RuntimeError as err:
         raise LaunchError(f"no SLURM here ({err}): run on the cluster's login node, or train without SLURM: "
                           f"python -m {TASKS[task]} ... or torchrun") from None

@@ -6,15 +6,14 @@ import json
 import os
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
 from typing import Sequence
 
-from common.logging import read_jsonl
+from common.run import SLURM_JOB_FILE, read_run
 from slurm.sweeps import Run
 
 QUEUE_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING"}
-JOB_RECORD = "slurm_job.json"
+JOB_RECORD = SLURM_JOB_FILE
 
 
 def squeue_states() -> tuple[dict[str, str] | None, str]:
@@ -33,17 +32,13 @@ def squeue_states() -> tuple[dict[str, str] | None, str]:
 
 
 def _progress(run: Run) -> str:
-    log = run.output_dir / "log.txt"
-    if not log.exists():
+    record = read_run(run.output_dir)
+    if record.state == "corrupt":
+        return f"run folder damaged ({record.detail})"
+    if record.state == "not started":
         return "not started"
-    try:
-        with warnings.catch_warnings():  # a running job may be writing the last line right now
-            warnings.simplefilter("ignore")
-            entries = read_jsonl(log)
-    except (OSError, ValueError) as err:
-        return f"log.txt unreadable ({err})"
-    epochs = getattr(run.args, "epochs", "?")
-    return f"epoch {entries[-1]['epoch'] + 1}/{epochs}" if entries else f"epoch 0/{epochs}"
+    epochs = (record.identity or {}).get("epochs", getattr(run.args, "epochs", "?"))
+    return f"epoch {record.epochs_done}/{epochs}"
 
 
 def _tail(path: str | os.PathLike, lines: int = 10) -> str:
@@ -59,14 +54,19 @@ def run_state(run: Run, queue: dict[str, str] | None) -> tuple[str, str]:
 
     `queue` must be read before this is called: a job that leaves the queue has written done.json by then.
     """
-    done = run.output_dir / "done.json"
-    if done.exists():
-        summary = json.loads(done.read_text())
-        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1") if key in summary]
+    folder = read_run(run.output_dir)
+    if folder.state == "done":
+        summary = folder.summary
+        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1")
+                  if isinstance(summary.get(key), (int, float))]
         return "done", ", ".join(scores)
+    if folder.state == "corrupt":
+        return "failed", f"run folder damaged: {folder.detail}"
     record_path = run.output_dir / JOB_RECORD
     if not record_path.exists():
-        return "not submitted", _progress(run) if (run.output_dir / "log.txt").exists() else ""
+        if folder.state == "failed":
+            return "failed", f"not submitted; its last start failed: {folder.detail}"
+        return "not submitted", _progress(run) if folder.epochs_done else ""
     record = json.loads(record_path.read_text())
     job_id = record["job_id"]
     if queue is None or record.get("cluster", "slurm") != "slurm":

@@ -19,7 +19,8 @@ from cifar100.teachers import TeacherNotFoundError, resolve_teacher_checkpoint, 
 from cifar_fixtures import write_fake_cifar100, write_teacher_zoo
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_FILES = ("args.json", "log.txt", "checkpoint.pth", "student_best.pth", "student_last.pth", "done.json")
+RUN_FILES = ("args.json", "invocations.jsonl", "log.txt", "checkpoint.pth", "student_best.pth", "student_last.pth",
+             "done.json")
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +74,14 @@ def test_short_distillation_writes_every_run_file(cifar_root, zoo_dir, tmp_path,
     assert done["best_acc1"] == max(entry["test_acc1"] for entry in log)
     metadata = json.loads((out / "args.json").read_text())
     assert metadata["args"]["method"] == method and "git_commit" in metadata and metadata["derived"]["lr"] == 0.05
+    assert metadata["identity"] == done["identity"] and metadata["identity"]["method"] == method
     best = torch.load(out / "student_best.pth", weights_only=True)
     assert set(best) == {"model", "epoch", "acc"} and best["acc"] == done["best_acc1"]
     build_model("resnet8").load_state_dict(best["model"], strict=True)
     if method != "ce":
         teacher_eval = json.loads((out / "teacher_eval.json").read_text())
-        assert 0.0 <= teacher_eval["acc1"] <= 100.0
+        assert list(teacher_eval) == [metadata["identity"]["teacher_sha256"]]  # keyed by the checkpoint's sha256
+        assert 0.0 <= teacher_eval[metadata["identity"]["teacher_sha256"]]["acc1"] <= 100.0
 
 
 def test_dkd_warmup_ramps_the_loss_in(cifar_root, zoo_dir, tmp_path):

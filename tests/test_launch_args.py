@@ -238,7 +238,8 @@ def test_one_tiny_run_end_to_end_through_submitits_local_executor(tmp_path, monk
             "--timeout_min", "5", "--job_dir", str(tmp_path / "jobs" / "%j")]
     (job,) = launch.main(argv, cluster="local")
     summary = job.result()
-    out = tmp_path / "output" / "cifar100" / "resnet8" / "ce" / "seed0"
+    # The recipe's folder name plus what differs from the recipe (the batch and the unverified test data).
+    out = tmp_path / "output" / "cifar100" / "resnet8" / "ce-batch_size32-data_unverified" / "seed0"
     assert summary == json.loads((out / "done.json").read_text())
     assert summary["output_dir"] == str(out) and summary["epochs"] == 1
     recorded = json.loads((out / "slurm_job.json").read_text())

@@ -92,7 +92,8 @@ def test_a_sweep_goes_out_as_one_job_array_and_every_run_finishes(slurm_cluster,
     array_id = jobs[0].job_id.split("_")[0]
     assert [job.job_id for job in jobs] == [f"{array_id}_0", f"{array_id}_1"], context
     for seed, (job, summary) in enumerate(zip(jobs, results)):
-        out = root / "output" / "cifar100" / "resnet8_resnet8" / "kd" / f"seed{seed}"
+        # the recipe's folder name plus what these tiny runs change: the batch and the unverified test data
+        out = root / "output" / "cifar100" / "resnet8_resnet8" / "kd-batch_size32-data_unverified" / f"seed{seed}"
         assert summary == json.loads((out / "done.json").read_text()), context
         assert (summary["teacher"], summary["method"], summary["seed"]) == ("resnet8", "kd", seed)
         recorded = json.loads((out / "slurm_job.json").read_text())

@@ -1,0 +1,125 @@
+"""Runs on disk → a table beside the paper's numbers, the part every task shares.
+
+Only finished runs (``done.json``) enter a mean, and only runs of one identity are averaged together: the groups
+are the runs' identities without the seed (``common.run``), with the epochs they actually trained. Runs that failed,
+never started, are still going or whose folder is damaged are listed apart with why, and never counted. The task
+supplies what is its own: the paper's table, the metric names, and how to label a variant.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.run import RunRecord, finite_number
+
+# Keys that name a run rather than a variant of the recipe.
+NAMING_KEYS = ("task", "teacher", "student", "method", "seed")
+
+
+def group_finished(records: Iterable[RunRecord]) -> list[list[RunRecord]]:
+    """Finished runs grouped by identity without the seed (epochs taken from done.json), in a stable order."""
+    groups: dict[str, list[RunRecord]] = {}
+    for record in records:
+        if record.state != "done":
+            continue
+        identity = {k: v for k, v in (record.identity or record.summary.get("identity") or {}).items() if k != "seed"}
+        identity["epochs"] = record.epochs
+        groups.setdefault(repr(sorted(identity.items(), key=lambda kv: kv[0])), []).append(record)
+    return [sorted(runs, key=lambda r: (r.summary.get("seed", 0), str(r.path))) for _, runs in sorted(groups.items())]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample std (ddof=1); std None for one value, which has no spread to show."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize_metrics(runs: Sequence[RunRecord], metrics: Sequence[str]) -> dict[str, Any]:
+    """{"<metric>_mean", "<metric>_std"} over the runs' done.json values, plus "seeds"."""
+    row: dict[str, Any] = {"seeds": [r.summary.get("seed") for r in runs]}
+    for metric in metrics:
+        values = [r.summary[metric] for r in runs if finite_number(r.summary.get(metric))]
+        if len(values) != len(runs):
+            row[f"{metric}_mean"] = row[f"{metric}_std"] = None
+            continue
+        row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+    return row
+
+
+def invalid_summary(record: RunRecord, required: Sequence[str]) -> str | None:
+    """Why a done.json cannot be reported (missing or non-finite values), or None."""
+    bad = [key for key in required if key not in record.summary]
+    bad += [key for key in required if key in record.summary and key != "seed"
+            and key.endswith(("acc1", "acc5", "AP", "AP50", "AP75", "APs", "APm", "APl"))
+            and not finite_number(record.summary[key])]
+    return f"done.json lacks or has no finite {', '.join(bad)}" if bad else None
+
+
+def mean_std_text(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.2f} ± {'—' if std is None else f'{std:.2f}'}"
+
+
+def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> list[str]:
+    """``align``: one character per column, 'l' or 'r'."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def other_runs_lines(records: Iterable[RunRecord], describe: Callable[[RunRecord], str]) -> list[str]:
+    """One line per run that is not in the table: failed, never started, in progress, corrupt."""
+    lines = []
+    for record in sorted(records, key=lambda r: (r.state, str(r.path))):
+        if record.state == "done":
+            continue
+        if record.state == "in progress":
+            epochs = (record.identity or {}).get("epochs", "?")
+            what = f"in progress (epoch {record.epochs_done}/{epochs})"
+        else:
+            what = record.state
+        detail = f": {record.detail}" if record.detail else ""
+        lines.append(f"- {describe(record)}: {what}{detail} — {record.path}")
+    return lines
+
+
+def plot_bars(labels: Sequence[str], means: Sequence[float], stds: Sequence[float | None],
+              paper: Sequence[float | None], path: str | Path, xlabel: str, title: str) -> Path:
+    """Horizontal bars, ours (mean ± std) beside the paper's number, one row per label.
+
+    Horizontal so that long labels stay readable; the height grows with the rows, so one run and fifty both give a
+    legible figure; the axis starts a few points below the lowest value, since the differences that matter are
+    0.5–2 points.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    count = len(labels)
+    fig = Figure(figsize=(8.0, 1.6 + 0.45 * count))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    y = list(range(count))
+    xerr = [math.nan if s is None else s for s in stds]
+    height = 0.38
+    ax.barh([i - height / 2 for i in y], means, height, xerr=xerr, capsize=3, label="ours: mean ± std over seeds")
+    with_paper = [i for i in y if paper[i] is not None]
+    ax.barh([i + height / 2 for i in with_paper], [paper[i] for i in with_paper], height, label="paper")
+    values = [m - (s or 0.0) for m, s in zip(means, stds)] + [paper[i] for i in with_paper]
+    top = [m + (s or 0.0) for m, s in zip(means, stds)] + [paper[i] for i in with_paper]
+    ax.set_xlim(max(0.0, math.floor(min(values)) - 3), min(100.0, math.ceil(max(top)) + 2))
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()  # first row on top, as in the table
+    ax.set_ylim(count - 0.5, -0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 + 0.6 / (1.6 + 0.45 * count)), ncol=2, frameon=False,
+              fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
