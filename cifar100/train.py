@@ -51,6 +51,13 @@ from common.run import RunError, RunFolder, file_sha256, folder_suffix, identity
 # Students trained with LR 0.01 instead of 0.05 in the CRD/DKD recipe (they diverge at 0.05).
 LIGHTWEIGHT_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
+# What `python slurm/launch.py cifar100` submits when no run is named (slurm/launch.py applies these): the paper's
+# Table 1 RCKA column, 9 pairs x seeds 0 1 2 (CIFAR-100's seed spread of 0.5-1.5 points needs the mean), each run on
+# one GPU; the tensor loader needs few CPUs. 12 h holds 240 epochs of these small models on any recent GPU; a run
+# that needs longer is requeued at the limit and resumes from its last epoch.
+DEFAULT_SWEEP = "table1_rcka"
+SLURM_DEFAULTS = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 4, "timeout_min": 12 * 60}
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("RCKA knowledge distillation on CIFAR-100", add_help=add_help)

@@ -9,7 +9,6 @@ of many runs evaluates each teacher once.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -75,14 +74,6 @@ def resolve_teacher_checkpoint(name: str, teacher_ckpt: str | None, weights_dir:
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a wrong hash is a RuntimeError
         raise TeacherNotFoundError(f"teacher {name}: downloading {url} failed ({err}); {fix}.") from err
     return path
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cache_file(cache_dir: str | os.PathLike, sha256: str, val_key: str) -> Path:

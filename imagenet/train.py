@@ -58,10 +58,10 @@ DKD_BETA_DEFAULT = 0.5
 
 # ---- what `python slurm/launch.py imagenet` submits when no run is named (slurm/launch.py applies these)
 DEFAULT_SWEEP = "table2_rcka"  # slurm/sweeps.py: Table 2's pairs x rcka x seeds 0 1 2
-# One node with 8 GPUs per run, as the Table 2 baselines trained (total batch 512 = 8 x 64). 24 h holds 100 epochs
-# at up to 14 min per epoch (1.28 M images at >= 1,500 images/s on the node; our estimate of a run is in
-# imagenet/README.md); a run that needs longer is requeued and resumes from its last epoch.
-SLURM_DEFAULTS = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 10, "timeout_min": 24 * 60}
+# One node with 8 GPUs per run, as the Table 2 baselines trained (total batch 512 = 8 x 64 per GPU). 12 h: about 3x
+# our estimate of a run on 8 A100s (imagenet/README.md: 1.6 h of compute for resnet34 -> resnet18, longer where storage
+# or the data loader bounds it); a run that needs longer is requeued at the limit and resumes from its last epoch.
+SLURM_DEFAULTS = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 10, "timeout_min": 12 * 60}
 
 # Settings that change a run's result besides the loss's own (common.losses.METHOD_SETTINGS); every other flag
 # (paths, workers, device, print frequency, compile, channels_last) may differ between the starts of one run.
@@ -381,13 +381,16 @@ def main(args: argparse.Namespace) -> dict:
         elif args.teacher:
             dist.print_main(f"--method ce trains {args.student} alone: the teacher {args.teacher} is not loaded.")
         identity = run_identity(args, cfg, teacher_sha256)
-        checkpoint = read_resume_checkpoint(args, run, identity)
-        decision = run.decide(identity, EXTENDABLE, checkpoint_epochs=None if checkpoint is None
-                              else checkpoint["epoch"] + 1)
+        decision = run.decide(identity, EXTENDABLE)
+        checkpoint = read_resume_checkpoint(args, run, identity) if decision.state != "finished" else None
+        if checkpoint is not None and checkpoint["epoch"] + 1 > args.epochs:
+            raise UsageError(f"{args.resume or run.checkpoint} has already trained {checkpoint['epoch'] + 1} epochs; "
+                             f"--epochs {args.epochs} cannot undo that: pass --epochs {checkpoint['epoch'] + 1} or "
+                             f"more, or another --output_dir for a shorter run.")
         if decision.state == "finished":
             summary = run.read_done()
-            dist.print_main(f"{run.path} is finished (last top-1 {summary['last_acc1']:.2f}, best "
-                            f"{summary['best_acc1']:.2f}); delete {run.done_file.name} to train again. Nothing to do.")
+            dist.print_main(f"{run.path} is finished (last top-1 {summary.get('last_acc1')}, best "
+                            f"{summary.get('best_acc1')}); delete {run.done_file.name} to train again. Nothing to do.")
             return summary
         if dist.is_main_process():
             run.start(identity, args, decision, extra={"derived": cfg})
@@ -415,6 +418,9 @@ def read_resume_checkpoint(args: argparse.Namespace, run: RunFolder, identity: d
     path = Path(args.resume) if args.resume else (run.checkpoint if run.checkpoint.exists() else None)
     if path is None:
         return None
+    if not path.is_file():
+        raise UsageError(f"--resume {path} does not exist; check the path, or leave --resume out to resume from the "
+                         f"run folder's own {run.checkpoint.name}.")
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
         raise UsageError(f"--resume {path} holds weights only, not a training checkpoint: to evaluate it add --eval; "

@@ -1,21 +1,23 @@
 """Training runs of any task as SLURM jobs (submitit): one run, several seeds, or a named sweep as ONE job array.
 
+    python slurm/launch.py imagenet --data_path /datasets/imagenet --dry_run   # the task's default sweep and resources
+    python slurm/launch.py cifar100                                            # Table 1's RCKA column, 1 GPU per run
     python slurm/launch.py cifar100 --teacher resnet56 --student resnet20 --timeout_min 600 --gpus_per_node 1
     python slurm/launch.py cifar100 --sweep table1 --timeout_min 600 --gpus_per_node 1 --dry_run
-    python slurm/launch.py cifar100 --sweep table1 --timeout_min 600 --gpus_per_node 1      # submit (or resubmit)
     python slurm/launch.py cifar100 --sweep table1 --status                                  # where every run is
-    python slurm/launch.py imagenet --nodes 2 --gpus_per_node 8 --timeout_min 2880 ...       # multi-node DDP
+    python slurm/launch.py imagenet --sweep table2 --nodes 2 --gpus_per_node 8               # multi-node DDP
 
 Every flag of the task's train.py works as is (this parser extends the task's own). A task module may declare, beside
 its recipe, DEFAULT_SWEEP (the named sweep a command that names no run submits: no --sweep, --pairs, --methods,
 --seeds, --teacher, --student, --method, --seed or --output_dir) and SLURM_DEFAULTS (resources for its runs, e.g.
-{"nodes": 1, "gpus_per_node": 8, "timeout_min": 1440}), so `python slurm/launch.py imagenet` alone submits the
-paper's Table 2 RCKA runs on one 8-GPU node each; every flag overrides them, and the launcher prints which defaults it
-applied. SLURM flags that neither the command nor the task sets are not passed, so the cluster's own defaults apply. Each run's output_dir is derived from its
-settings and made absolute at submission, so resubmitting a sweep skips finished runs (done.json), leaves alone runs
-whose job is still queued or running, and resubmits the rest, which resume from their checkpoint.pth. A preempted
-or timed-out job is requeued by submitit (Trainer.checkpoint) and resumes the same way. `--status` with the same
-flags reads the run folders and squeue: done / running / pending / failed / not submitted.
+{"nodes": 1, "gpus_per_node": 8, "timeout_min": 720}), so `python slurm/launch.py imagenet` alone submits the paper's
+Table 2 RCKA runs on one 8-GPU node each; every flag overrides them, and the launcher prints which defaults it
+applied (--device cpu leaves out the GPU default). SLURM flags that neither the command nor the task sets are not
+passed, so the cluster's own defaults apply. Each run's output_dir is derived from its settings and made absolute at
+submission, so resubmitting a sweep skips finished runs (done.json), leaves alone runs whose job is still queued or
+running, and resubmits the rest, which resume from their checkpoint.pth. A preempted or timed-out job is requeued by
+submitit (Trainer.checkpoint) and resumes the same way. `--status` with the same flags reads the run folders and
+squeue: done / running / pending / failed / not submitted.
 """
 from __future__ import annotations
 
@@ -218,8 +220,11 @@ def with_task_defaults(task: str, args: argparse.Namespace) -> tuple[argparse.Na
         changes["sweep"] = default_sweep
         notes.append(f"no run named: {task}'s default sweep {default_sweep} ({SWEEPS[default_sweep].help}); name "
                      f"runs with --sweep, --pairs, --methods, --seeds or the task's --teacher/--student/--method/--seed")
+    # --device cpu asks for no GPU: the task's GPU default would only make sbatch refuse on a CPU partition.
+    cpu_only = getattr(args, "device", None) == "cpu"
     resources = {key: value for key, value in getattr(module, "SLURM_DEFAULTS", {}).items()
-                 if key in SLURM_RESOURCES and getattr(args, key) is None}
+                 if key in SLURM_RESOURCES and getattr(args, key) is None
+                 and not (cpu_only and key == "gpus_per_node")}
     if resources:
         changes.update(resources)
         notes.append(f"{task}'s default resources: " + ", ".join(f"--{k} {v}" for k, v in resources.items())

@@ -30,7 +30,7 @@ SWEEPS = {
     "baselines13": Sweep("cifar100", "crd_dkd_baselines", ("kd", "dkd", "rcka"),
                          "the 13 standard CRD/DKD pairs x kd, dkd, rcka"),
     # ImageNet: one seed by default, as Table 2 and the KD papers it compares with report single runs (a run takes
-    # 8 GPUs for most of a day); --seeds 0 1 2 for more.
+    # a node of 8 GPUs for hours); --seeds 0 1 2 for more.
     "table2": Sweep("imagenet", "rcka_table2", ("ce", "kd", "dkd", "rcka"),
                     "the paper's Table 2 pairs (resnet34->resnet18, resnet50->mobilenet_v1) x ce, kd, dkd, rcka "
                     "(ce: each student alone), seed 0", seeds=(0,)),

@@ -13,8 +13,8 @@ def test_bare_command_dry_run_prints_the_table2_rcka_plan(tmp_path, monkeypatch,
         tmp_path / "output/imagenet/resnet34_resnet18/rcka/seed0",
         tmp_path / "output/imagenet/resnet50_mobilenet_v1/rcka/seed0"]
     assert all(state == "not submitted" for _, state, _ in states)
-    assert "default sweep table2_rcka" in out and "--gpus_per_node 8" in out and "--timeout_min 1440" in out
-    assert "'nodes': 1, 'gpus_per_node': 8, 'tasks_per_node': 8, 'cpus_per_task': 10, 'timeout_min': 1440" in out
+    assert "default sweep table2_rcka" in out and "--gpus_per_node 8" in out and "--timeout_min 720" in out
+    assert "'nodes': 1, 'gpus_per_node': 8, 'tasks_per_node': 8, 'cpus_per_task': 10, 'timeout_min': 720" in out
     assert "python -m imagenet.train --student mobilenet_v1 --teacher resnet50 --method rcka" in out
     assert not (tmp_path / "output" / "slurm").exists()
 

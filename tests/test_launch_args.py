@@ -215,8 +215,24 @@ def test_dry_run_prints_each_run_and_submits_nothing(tmp_path, monkeypatch, caps
 
 def test_submitting_needs_a_time_limit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "SLURM_DEFAULTS", {})  # a task that declares no time limit
     with pytest.raises(launch.LaunchError, match="pass --timeout_min"):
         launch.main(["cifar100", "--student", "resnet8"], cluster="debug")
+
+
+def test_bare_cifar100_command_plans_table1s_rcka_column_on_one_gpu_each(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    states = launch.main(["cifar100", "--dry_run"])
+    out = capsys.readouterr().out
+    assert len(states) == 9 * 3 and {run.args.method for run, _, _ in states} == {"rcka"}
+    assert {(run.args.teacher, run.args.student) for run, _, _ in states} == set(pairs_of("rcka_table1"))
+    assert "default sweep table1_rcka" in out and "'gpus_per_node': 1" in out and "'timeout_min': 720" in out
+    assert "warning" not in out
+
+
+def test_device_cpu_leaves_out_the_tasks_gpu_default():
+    args, _ = launch.with_task_defaults("cifar100", parse("--student", "resnet8", "--device", "cpu"))
+    assert args.gpus_per_node is None and args.timeout_min == 720
 
 
 def test_checkpoint_requeues_the_same_run():
