@@ -109,3 +109,12 @@ def test_model_input_is_normalised_float(data):
     x = to_model_input(images, torch.device("cpu"), channels_last=True)
     assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
     assert abs(x[0, 0, 0, 0].item() - (124 / 255 - 0.485) / 0.229) < 1e-5
+
+
+def test_a_worker_process_draws_the_same_crops_as_the_main_process(data):
+    batches = []
+    for workers in (0, 1):
+        train, _ = loaders(data, num_workers=workers)
+        train.sampler.set_epoch(1)
+        batches.append(list(train))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*batches))
