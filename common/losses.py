@@ -10,15 +10,21 @@ rest, owns its weights and warm-up, and says in ``needs_features`` whether the l
 intermediate features. A loss with parameters or buffers is optimised and checkpointed with the
 student by the loop (``criterion.parameters()``, ``criterion.state_dict()``) without other changes.
 
-Differences from the paper's released code (Klayand/PCKA), each a flag where it matters:
-  * ``centered=True`` by default: CKA as defined (column-centred). The released code never
-    centres; ``centered=False`` reproduces it (see ``common.cka``).
-  * PCKA's optional inter term has its own weight here (``inter_weight``); the released code
-    multiplies it by the intra weight instead. To reproduce that, pass the same value for both.
-  * RCKA is not in the released code. We follow the paper's framework figure: FCKA on the
-    batch x batch Gram matrices of flattened stage features, intra-LCKA on the batch x batch Gram
-    of the logits, inter-LCKA on the class x class Gram (logits transposed). The paper gives no
-    weights; the defaults (1 for features, 15 per logit term) are the first author's related code.
+Defaults reproduce the authors' computation (``--method rcka`` with no other flag is the closest
+reproduction we can justify); the principled variants are options. Sources, cited below as [DK] and [PCKA]:
+  [DK]   github.com/Klayand/Distill_Knowledge @ 5312bdf6d4d80db5fda7d322796bfc89390c75e2, the first author's
+         related code for classification: ``distiller/CKA.py`` (CenterKernelAlignment, cka_loss,
+         CenterKernelAlignmentRKD), ``distiller/CKASP.py`` (compute_spcka_loss, DKCKA), ``icme_main.py``.
+  [PCKA] github.com/Klayand/PCKA @ cec05def1b728a8bf64b715fd4c46f03ce5f87af, the paper's released detection code:
+         ``PCKA/mmrazor/mmrazor/models/losses/cka_loss.py`` and ``configs/distill/mmdet/cka/*.py``.
+  * ``centered=False`` by default in both losses: [DK] and [PCKA] never centre, and the published weights
+    were tuned for that. ``centered=True`` is CKA as defined (``common.cka``'s own default).
+  * RCKA is in neither repository as one class. Its logit terms are [DK]'s CenterKernelAlignmentRKD as
+    icme_main.py builds it (intra 15, inter 15, Gram rows normalised); its feature term and weight are
+    [DK]'s DKCKA (weight 1, CKA of SP kernels of every stage after the stem). See ``RCKALoss``.
+  * PCKA's optional inter term has its own weight here (``inter_weight``); [PCKA] multiplies it by the
+    intra weight and uses ``inter_weight`` only as a switch. Its configs pass 10 for both, so equal
+    weights reproduce it.
 """
 from __future__ import annotations
 
@@ -29,9 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.cka import _promote, linear_cka
+from common.cka_variants import gram_cosine, sp_cka
 from common.patches import patchify
 
-__all__ = ["METHODS", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKDLoss", "build_distillation_loss"]
+__all__ = ["METHODS", "FEATURE_FORMS", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKDLoss", "build_distillation_loss"]
 
 # The classification methods, in the paper's Table 1 order; tasks, sweeps and reports read this one list.
 # ce: the student alone; kd: Hinton et al.; dkd: Zhao et al.; fcka / lcka: the paper's feature / logit
@@ -43,9 +50,9 @@ METHOD_SETTINGS = {
     "ce": (),
     "kd": ("kd_weight", "kd_temperature"),
     "dkd": ("dkd_alpha", "dkd_beta", "dkd_temperature", "dkd_warmup"),
-    "fcka": ("fcka_weight", "cka_centered"),
-    "lcka": ("lcka_intra_weight", "lcka_inter_weight", "cka_centered"),
-    "rcka": ("fcka_weight", "lcka_intra_weight", "lcka_inter_weight", "cka_centered"),
+    "fcka": ("fcka_weight", "fcka_form", "cka_centered"),
+    "lcka": ("lcka_intra_weight", "lcka_inter_weight", "lcka_row_norm", "cka_centered"),
+    "rcka": ("fcka_weight", "fcka_form", "lcka_intra_weight", "lcka_inter_weight", "lcka_row_norm", "cka_centered"),
 }
 
 
@@ -113,13 +120,43 @@ def _paired_levels(feats_s, feats_t) -> list[tuple[str, Tensor, Tensor]]:
     return [(str(i), a, b) for i, (a, b) in enumerate(zip(s, t))]
 
 
-class RCKALoss(DistillationLoss):
-    """RCKA = w_f * sum_stages (1 - CKA(F_s, F_t)) + w_intra (1 - CKA(Z_s, Z_t)) + w_inter (1 - CKA(Z_s^T, Z_t^T)).
+FEATURE_FORMS = ("sp", "gram")
 
-    F are stage features flattened to (batch, C*H*W), so teacher and student need no channel
-    adapter (the Gram matrices are batch x batch); Z are logits (batch, classes). A term whose
-    weight is 0 is skipped, so FCKA only (``intra_weight=inter_weight=0``) and LCKA only
-    (``feature_weight=0``), the paper's FCKA and LCKA rows, are this same class.
+
+class RCKALoss(DistillationLoss):
+    """RCKA = w_f sum_stages (1 - CKA_f(F_s, F_t)) + w_intra (1 - CKA(Z_s, Z_t)) + w_inter (1 - CKA(Z_s^T, Z_t^T)).
+
+    F are stage features (batch, C, H, W), flattened per sample, so teacher and student need no channel
+    adapter (every Gram is batch x batch); Z are logits (batch, classes). A term whose weight is 0 is
+    skipped, so FCKA only (``intra_weight=inter_weight=0``) and LCKA only (``feature_weight=0``), the
+    paper's FCKA and LCKA rows, are this same class. Cross-entropy is the training loop's.
+
+    The paper gives the terms (its framework figure) but not their weights or the exact CKA; every
+    default below is the first author's related code, [DK] in the module docstring:
+
+    * ``centered=False``: [DK]'s ``CenterKernelAlignment`` never centres (cosine of ``X X^T`` and
+      ``Y Y^T``). ``True`` centres the columns of every representation first (``common.cka_variants``).
+      Uncentred CKA of logits that share an offset starts near 1, so at these weights the LCKA terms
+      are gentle regularisers; centred, they dominate the loss (``cifar100/README.md`` measures it).
+    * ``logit_row_norm=True``: [DK]'s ``CenterKernelAlignmentRKD`` defaults to ``with_l2_norm=True``,
+      dividing each row of the logit Gram by ``sqrt(K_ii)`` (``K = normalize(Z) Z^T``, asymmetric),
+      for both logit terms. ``False`` is the plain Gram, as in [PCKA] and the paper's equations.
+    * ``feature_form="sp"``: [DK]'s ``DKCKA`` (``distiller/CKASP.py``), the only [DK] class that adds a
+      feature term to logit CKA, compares per stage the SP kernels (Gram of flattened features with
+      unit-norm rows) by CKA, i.e. the cosine of ``G_hat G_hat^T``. ``"gram"`` is the paper's figure:
+      CKA of the batch x batch Grams of the flattened features. Where figure and code differ we
+      follow the code by default.
+    * ``feature_weight=1``: ``DKCKA(spcka_weight=1.0)``, summed over every stage after the stem
+      (``features[1:]``, layer1..layer3 for CIFAR ResNets) as ``spcka_loss`` does.
+    * ``intra_weight=15, inter_weight=15``: ``icme_main.py`` builds
+      ``CenterKernelAlignmentRKD(inter_weight=15, intra_weight=15)`` for CIFAR-100 and ImageNet
+      (``DKCKA``'s ``cka_weight`` is also 15). That class multiplies its inter term by ``intra_weight``
+      and uses ``inter_weight`` only as an on/off switch; with both at 15 the two readings agree, so
+      here each term simply has its own weight.
+
+    Other choices: ``1 - CKA`` rather than [DK]'s ``-CKA`` (a constant apart: the same gradients,
+    non-negative, 0 at perfect alignment). No temperature or softmax on the logits ([DK]'s
+    ``soften=False`` default, which ``icme_main.py`` keeps). No warm-up ([DK] has none).
     """
 
     def __init__(
@@ -127,20 +164,43 @@ class RCKALoss(DistillationLoss):
         feature_weight: float = 1.0,
         intra_weight: float = 15.0,
         inter_weight: float = 15.0,
-        centered: bool = True,
+        centered: bool = False,
+        logit_row_norm: bool = True,
+        feature_form: str = "sp",
     ) -> None:
         super().__init__()
         for name, value in (("feature_weight", feature_weight), ("intra_weight", intra_weight), ("inter_weight", inter_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
+        if feature_form not in FEATURE_FORMS:
+            raise ValueError(
+                f"feature_form must be one of {FEATURE_FORMS} ('sp': the first author's related code, "
+                f"'gram': the paper's figure); got {feature_form!r}."
+            )
         self.feature_weight = feature_weight
         self.intra_weight = intra_weight
         self.inter_weight = inter_weight
         self.centered = centered
+        self.logit_row_norm = logit_row_norm
+        self.feature_form = feature_form
+
+    def extra_repr(self) -> str:
+        return (
+            f"feature_weight={self.feature_weight}, intra_weight={self.intra_weight}, inter_weight={self.inter_weight}, "
+            f"centered={self.centered}, logit_row_norm={self.logit_row_norm}, feature_form={self.feature_form!r}"
+        )
 
     @property
     def needs_features(self) -> bool:
         return self.feature_weight > 0
+
+    def _feature_cka(self, fs: Tensor, ft: Tensor) -> Tensor:
+        if self.feature_form == "sp":
+            return sp_cka(fs, ft, centered=self.centered)
+        return linear_cka(fs.flatten(1), ft.flatten(1), centered=self.centered)
+
+    def _logit_cka(self, zs: Tensor, zt: Tensor) -> Tensor:
+        return gram_cosine(zs, zt, centered=self.centered, row_norm=self.logit_row_norm)
 
     def terms(self, *, logits_s=None, logits_t=None, feats_s=None, feats_t=None, targets=None, epoch=0):
         terms: dict[str, Tensor] = {}
@@ -152,17 +212,15 @@ class RCKALoss(DistillationLoss):
             for name, fs, ft in pairs:
                 if fs.shape[0] != ft.shape[0]:
                     raise ValueError(f"stage {name}: student batch {fs.shape[0]} != teacher batch {ft.shape[0]}.")
-                fcka = fcka + (1 - linear_cka(fs.flatten(1), ft.detach().flatten(1), centered=self.centered))
+                fcka = fcka + (1 - self._feature_cka(fs, ft.detach()))
             terms["fcka"] = self.feature_weight * fcka
         if self.intra_weight > 0 or self.inter_weight > 0:
             _check_logits(_require("logits_s", logits_s, "RCKALoss"), _require("logits_t", logits_t, "RCKALoss"))
             logits_t = logits_t.detach()
             if self.intra_weight > 0:
-                terms["lcka_intra"] = self.intra_weight * (1 - linear_cka(logits_s, logits_t, centered=self.centered))
+                terms["lcka_intra"] = self.intra_weight * (1 - self._logit_cka(logits_s, logits_t))
             if self.inter_weight > 0:
-                terms["lcka_inter"] = self.inter_weight * (
-                    1 - linear_cka(logits_s.t(), logits_t.t(), centered=self.centered)
-                )
+                terms["lcka_inter"] = self.inter_weight * (1 - self._logit_cka(logits_s.t(), logits_t.t()))
         return terms
 
 
@@ -175,6 +233,11 @@ class PCKALoss(DistillationLoss):
     transposed matrices (Gram over the B*p*p pixel positions). Levels are summed; channels of a
     level go through one batched matmul. The paper's weight for the intra term is 10; the
     detection configs pass the first four FPN levels, as the released code does.
+
+    ``centered=False`` by default: [PCKA]'s ``CenterKernelAlignment`` never centres (and does not
+    normalise Gram rows: ``with_l2_norm=False`` there). ``centered=True`` is CKA as defined. [PCKA]'s
+    configs use intra 10 with inter 10 (Faster/Mask R-CNN, GFL) or intra only (RetinaNet, FCOS,
+    RepPoints); ``inter_weight=0`` is the latter.
     """
 
     def __init__(
@@ -182,7 +245,7 @@ class PCKALoss(DistillationLoss):
         patch_size: int = 16,
         intra_weight: float = 10.0,
         inter_weight: float = 0.0,
-        centered: bool = True,
+        centered: bool = False,
     ) -> None:
         super().__init__()
         if intra_weight < 0 or inter_weight < 0:
@@ -317,8 +380,7 @@ class DKDLoss(DistillationLoss):
 
 def build_distillation_loss(method: str, settings) -> DistillationLoss | None:
     """The loss of a classification method (``METHODS``) from resolved settings (an argparse.Namespace or a
-    dict with the tasks' shared flag names: kd_temperature, kd_weight, dkd_alpha, dkd_beta, dkd_temperature,
-    dkd_warmup, fcka_weight, lcka_intra_weight, lcka_inter_weight, cka_centered). None for ``ce``."""
+    dict with the tasks' shared flag names, ``METHOD_SETTINGS``). None for ``ce``."""
     get = settings.get if isinstance(settings, Mapping) else lambda key: getattr(settings, key)
     if method == "ce":
         return None
@@ -332,5 +394,7 @@ def build_distillation_loss(method: str, settings) -> DistillationLoss | None:
             intra_weight=get("lcka_intra_weight") if method in ("lcka", "rcka") else 0.0,
             inter_weight=get("lcka_inter_weight") if method in ("lcka", "rcka") else 0.0,
             centered=get("cka_centered"),
+            logit_row_norm=get("lcka_row_norm"),
+            feature_form=get("fcka_form"),
         )
     raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")

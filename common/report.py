@@ -70,15 +70,21 @@ def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[An
     return lines
 
 
-def other_runs_lines(records: Iterable[RunRecord], describe: Callable[[RunRecord], str]) -> list[str]:
-    """One line per run that is not in the table: failed, never started, in progress, corrupt."""
+def other_runs_lines(records: Iterable[RunRecord], describe: Callable[[RunRecord], str],
+                     progress: Callable[[RunRecord], str | None] | None = None) -> list[str]:
+    """One line per run that is not in the table: failed, never started, in progress, corrupt.
+
+    ``progress``: how far a run in progress is, for a task that counts in other units than log.txt's epochs
+    (detection: iterations); None or '' falls back to epochs.
+    """
     lines = []
     for record in sorted(records, key=lambda r: (r.state, str(r.path))):
         if record.state == "done":
             continue
         if record.state == "in progress":
             epochs = (record.identity or {}).get("epochs", "?")
-            what = f"in progress (epoch {record.epochs_done}/{epochs})"
+            where = (progress(record) if progress is not None else None) or f"epoch {record.epochs_done}/{epochs}"
+            what = f"in progress ({where})"
         else:
             what = record.state
         detail = f": {record.detail}" if record.detail else ""

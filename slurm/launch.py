@@ -239,15 +239,22 @@ def task_namespace(task_parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def namespace_to_argv(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> list[str]:
     """The flags that make `parser` parse to `namespace` (only those that differ from the defaults)."""
-    argv = []
+    argv, positional = [], []
     for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
+        if action.dest == "help":
             continue
         value = getattr(namespace, action.dest)
+        if not action.option_strings:  # a positional, e.g. detectron2's trailing config options (KEY VALUE ...)
+            if value is not None:
+                positional += list(map(str, value)) if isinstance(value, (list, tuple)) else [str(value)]
+            continue
         if value == action.default:
             continue
         flag = action.option_strings[0]
-        if isinstance(action, argparse.BooleanOptionalAction):
+        if isinstance(action, argparse._AppendAction):  # a repeatable flag: once per value given
+            for item in value:
+                argv += [flag, *map(str, item)] if isinstance(item, (list, tuple)) else [flag, str(item)]
+        elif isinstance(action, argparse.BooleanOptionalAction):
             argv.append(flag if value else f"--no-{flag[2:]}")
         elif action.nargs == 0:  # store_true / store_false / store_const
             argv.append(flag)
@@ -257,7 +264,7 @@ def namespace_to_argv(parser: argparse.ArgumentParser, namespace: argparse.Names
             argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
-    return argv
+    return argv + positional
 
 
 def executor_parameters(args: argparse.Namespace, name: str) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import getpass
+import importlib
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from common.run import SLURM_JOB_FILE, read_run
+from common.run import SLURM_JOB_FILE, RunRecord, read_run
 from slurm.sweeps import Run
 
 QUEUE_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING"}
@@ -31,10 +32,24 @@ def squeue_states() -> tuple[dict[str, str] | None, str]:
     return dict(line.split("|", 1) for line in proc.stdout.split()), ""
 
 
+def _task_progress(run: Run, record: RunRecord) -> str | None:
+    """The task's own words for how far a run is, where its report module has progress(record) (detection counts
+    iterations, and its checkpoints are detectron2's, so log.txt's epochs and checkpoint.pth say nothing there)."""
+    try:
+        report = importlib.import_module(f"{run.task}.report")
+    except ModuleNotFoundError:
+        return None
+    progress = getattr(report, "progress", None)
+    return progress(record) if progress is not None else None
+
+
 def _progress(run: Run) -> str:
     record = read_run(run.output_dir)
     if record.state == "corrupt":
         return f"run folder damaged ({record.detail})"
+    task_progress = _task_progress(run, record)
+    if task_progress:
+        return task_progress
     if record.state == "not started":
         return "not started"
     epochs = (record.identity or {}).get("epochs", getattr(run.args, "epochs", "?"))
@@ -55,9 +70,10 @@ def run_state(run: Run, queue: dict[str, str] | None) -> tuple[str, str]:
     `queue` must be read before this is called: a job that leaves the queue has written done.json by then.
     """
     folder = read_run(run.output_dir)
+    # Classification runs report top-1, detection runs (coco_detection) box AP.
     if folder.state == "done":
         summary = folder.summary
-        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1")
+        scores = [f"{key} {summary[key]:.2f}" for key in ("last_acc1", "best_acc1", "AP")
                   if isinstance(summary.get(key), (int, float))]
         return "done", ", ".join(scores)
     if folder.state == "corrupt":

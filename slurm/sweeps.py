@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from common.losses import METHODS
+
 
 SWEEP_SEEDS = (0, 1, 2)
 
@@ -24,7 +26,7 @@ class Sweep:
 
 # A task's DEFAULT_SWEEP (in its train.py, beside its recipe) names the one a bare `launch.py TASK` submits.
 SWEEPS = {
-    "table1": Sweep("cifar100", "rcka_table1", ("ce", "kd", "dkd", "fcka", "lcka", "rcka"),
+    "table1": Sweep("cifar100", "rcka_table1", METHODS,
                     "the paper's Table 1 pairs x ce, kd, dkd, fcka, lcka, rcka (ce: each student alone, once)"),
     "table1_rcka": Sweep("cifar100", "rcka_table1", ("rcka",), "the paper's Table 1 pairs x rcka (its RCKA column)"),
     "baselines13": Sweep("cifar100", "crd_dkd_baselines", ("kd", "dkd", "rcka"),

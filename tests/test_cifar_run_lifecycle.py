@@ -297,7 +297,7 @@ def test_same_settings_spelled_differently_resume_the_same_run(finished_run, cif
 
 
 @pytest.mark.parametrize("change,key", [
-    (["--no-cka_centered"], "cka_centered"),
+    (["--cka_centered"], "cka_centered"),
     (["--method", "kd"], "method"),
     (["--lcka_intra_weight", "5"], "lcka_intra_weight"),
     (["--batch_size", "16"], "batch_size"),
@@ -319,7 +319,7 @@ def test_default_folders_of_different_settings_differ_and_read_well():
     assert folder() == os.path.join("output", "cifar100", "resnet56_resnet20", "rcka", "seed0")
     assert folder("--method", "rcka", "--lr", "0.05") == folder()
     assert folder("--epochs", "1") == folder()  # a run may be extended, so its length is not in its name
-    variants = [folder(*flags) for flags in ([], ["--no-cka_centered"], ["--method", "kd"],
+    variants = [folder(*flags) for flags in ([], ["--cka_centered"], ["--method", "kd"],
                                              ["--method", "kd", "--kd_temperature", "8"], ["--lr", "0.1"],
                                              ["--no_verify_data"], ["--seed", "1"], ["--amp"])]
     assert len(set(variants)) == len(variants)

@@ -19,7 +19,7 @@ from slurm import launch
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FLAGS = ["--teacher", "resnet56", "--student", "resnet20", "--method", "dkd", "--epochs", "7",
-              "--lr_decay_epochs", "3", "5", "--batch_size", "128", "--no-cka_centered", "--amp", "--seed", "4",
+              "--lr_decay_epochs", "3", "5", "--batch_size", "128", "--cka_centered", "--amp", "--seed", "4",
               "--dkd_beta", "2.5", "--data_path", "/data/cifar", "--zoo_dir", "zoo", "--loader", "torchvision"]
 SLURM_FLAGS = ["--nodes", "2", "--gpus_per_node", "8", "--partition", "gpu", "--timeout_min", "600",
                "--account", "proj", "--qos", "high", "--constraint", "a100", "--mem_gb", "64", "--cpus_per_task", "10",
@@ -138,12 +138,13 @@ def test_bad_run_flags_say_what_to_pass(argv, message):
     assert message in str(err.value)
 
 
-def test_unknown_task_and_task_without_train_py_list_the_available_ones():
-    with pytest.raises(launch.LaunchError, match=r"unknown task 'mnist'; tasks: cifar100, imagenet"):
+def test_unknown_task_and_task_without_train_py_list_the_available_ones(monkeypatch):
+    with pytest.raises(launch.LaunchError, match=r"unknown task 'mnist'; tasks: cifar100, imagenet, coco_detection"):
         launch.main(["mnist"])
-    with pytest.raises(launch.LaunchError, match=r"coco_detection/train.py does not exist.*available now: cifar100, "
-                                                 r"imagenet"):
-        launch.main(["coco_detection", "--nodes", "2"])
+    monkeypatch.setitem(launch.TASKS, "planned", "planned_task.train")  # every real task has its train.py now
+    with pytest.raises(launch.LaunchError, match=r"planned_task/train.py does not exist.*available now: cifar100, "
+                                                 r"imagenet, coco_detection"):
+        launch.main(["planned", "--nodes", "2"])
 
 
 def test_cli_errors_are_one_line_without_traceback():
@@ -211,6 +212,32 @@ def test_dry_run_prints_each_run_and_submits_nothing(tmp_path, monkeypatch, caps
         assert str(run.output_dir) in out and shlex.join(run.command) in out
     assert "would submit 1" in out
     assert not (tmp_path / "output" / "slurm").exists() and not (runs[1].output_dir / "slurm_job.json").exists()
+
+
+def test_dry_run_warns_when_the_plan_has_no_time_limit_or_no_gpus(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "SLURM_DEFAULTS", {})  # a task that declares no resources
+    launch.main(["cifar100", "--sweep", "table1", "--dry_run"])
+    out = capsys.readouterr().out
+    assert "warning: no --timeout_min" in out and "warning: no --gpus_per_node" in out
+    assert "159 runs" in out
+    launch.main(["cifar100", "--sweep", "table1", "--dry_run", "--timeout_min", "600", "--gpus_per_node", "1"])
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_timed_out_jobs_are_requeued_many_times_not_submitits_default_three(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    real = launch.submitit.AutoExecutor
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch.submitit, "AutoExecutor", recording)
+    (job,) = launch.main(["cifar100", "--student", "resnet8", "--epochs", "1", "--timeout_min", "5", "--device",
+                          "cpu", "--data_path", str(tmp_path / "none"), "--no_download"], cluster="debug")
+    assert seen["slurm_max_num_timeout"] == launch.MAX_NUM_TIMEOUT >= 30
 
 
 def test_submitting_needs_a_time_limit(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""common.losses: PCKA against a per-channel loop, RCKA term by term, KD/DKD against independent formulas, golden values."""
+"""common.losses: PCKA against a per-channel loop, RCKA term by term against the first author's formulas, KD/DKD against independent formulas, golden values."""
 import json
 import os
 from pathlib import Path
@@ -113,16 +113,166 @@ def rcka_inputs(seed=0, batch=16, classes=10):
     return feats_s, feats_t, logits_s, logits_t
 
 
-def test_rcka_equals_the_sum_of_its_terms_computed_independently():
+@pytest.mark.parametrize("centered", [True, False])
+def test_rcka_gram_form_without_row_norm_is_textbook_linear_cka_term_by_term(centered):
+    """The paper's figure (plain Grams of flattened features and logits): what RCKALoss computed before
+    the authors' variants became the defaults."""
     fs, ft, zs, zt = rcka_inputs()
-    fcka = sum(1 - np_cka(a.flatten(1).numpy(), b.flatten(1).numpy()) for a, b in zip(fs, ft))
-    intra = 1 - np_cka(zs.numpy(), zt.numpy())
-    inter = 1 - np_cka(zs.numpy().T, zt.numpy().T)
-    loss = RCKALoss(feature_weight=2.0, intra_weight=3.0, inter_weight=5.0)
+    fcka = sum(1 - np_cka(a.flatten(1).numpy(), b.flatten(1).numpy(), centered) for a, b in zip(fs, ft))
+    intra = 1 - np_cka(zs.numpy(), zt.numpy(), centered)
+    inter = 1 - np_cka(zs.numpy().T, zt.numpy().T, centered)
+    loss = RCKALoss(feature_weight=2.0, intra_weight=3.0, inter_weight=5.0, centered=centered, logit_row_norm=False, feature_form="gram")
     assert loss(feats_s=fs, feats_t=ft, logits_s=zs, logits_t=zt).item() == pytest.approx(2 * fcka + 3 * intra + 5 * inter, rel=1e-10)
     terms = loss.terms(feats_s=fs, feats_t=ft, logits_s=zs, logits_t=zt)
     assert set(terms) == {"fcka", "lcka_intra", "lcka_inter"}
     assert terms["lcka_inter"].item() == pytest.approx(5 * inter, rel=1e-10)
+
+
+# ------------------------------------------- the first author's related code, re-derived here in numpy
+# Klayand/Distill_Knowledge @ 5312bdf6d4d80db5fda7d322796bfc89390c75e2: distiller/CKA.py (CenterKernelAlignment,
+# cka_loss, CenterKernelAlignmentRKD), distiller/CKASP.py (compute_spcka_loss, spcka_loss, DKCKA), icme_main.py.
+# Written from the formulas, with explicit loops, in float64; nothing shared with common/.
+def dk_center_kernel_alignment(x, y, with_l2_norm):
+    """tr(K L^T) / sqrt(tr(K K^T) tr(L L^T)), K = X X^T, L = Y Y^T, rows optionally divided by sqrt(K_ii)."""
+    def gram(a):
+        n = len(a)
+        k = np.empty((n, n))
+        for i in range(n):
+            for j in range(n):
+                k[i, j] = np.dot(a[i], a[j])
+        if with_l2_norm:
+            k = np.array([k[i] / np.sqrt(k[i, i]) for i in range(n)])
+        return k
+    k, l = gram(np.asarray(x, dtype=np.float64)), gram(np.asarray(y, dtype=np.float64))
+    return np.trace(k @ l.T) / np.sqrt(np.trace(k @ k.T) * np.trace(l @ l.T))
+
+
+def dk_cka_loss(teacher, student, with_l2_norm):
+    return -dk_center_kernel_alignment(teacher, student, with_l2_norm)
+
+
+def dk_spcka_loss(teacher_feature, student_feature):
+    """compute_spcka_loss: Gram of flattened features, rows L2-normalised (F.normalize, eps 1e-12), then cka_loss."""
+    def sp(f):
+        a = np.asarray(f, dtype=np.float64).reshape(len(f), -1)
+        g = a @ a.T
+        return np.array([row / max(np.sqrt(np.sum(row * row)), 1e-12) for row in g])
+    return dk_cka_loss(sp(teacher_feature), sp(student_feature), with_l2_norm=False)
+
+
+def dk_rcka_distillation_terms(feats_s, feats_t, logits_s, logits_t):
+    """The distillation terms (CE excluded) of the default RCKA: DKCKA's feature term at spcka_weight 1 over all
+    stages after the stem, CenterKernelAlignmentRKD's logit terms as icme_main.py builds them (15 and 15,
+    with_l2_norm=True, soften=False; its inter term is scaled by intra_weight)."""
+    intra_weight = 15.0
+    return {
+        "fcka": 1.0 * sum(dk_spcka_loss(ft, fs) for fs, ft in zip(feats_s, feats_t)),
+        "lcka_intra": intra_weight * dk_cka_loss(logits_t, logits_s, with_l2_norm=True),
+        "lcka_inter": intra_weight * dk_cka_loss(np.asarray(logits_t).T, np.asarray(logits_s).T, with_l2_norm=True),
+    }
+
+
+@pytest.mark.parametrize("row_norm", [True, False])
+def test_logit_cka_equals_the_related_codes_center_kernel_alignment(row_norm):
+    from common.cka_variants import gram_cosine
+    _, _, zs, zt = rcka_inputs(11)
+    for a, b in ((zs, zt), (zs.t(), zt.t())):
+        expected = dk_center_kernel_alignment(b.numpy(), a.numpy(), with_l2_norm=row_norm)
+        assert gram_cosine(a, b, row_norm=row_norm).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_feature_cka_equals_the_related_codes_sp_cka():
+    from common.cka_variants import sp_cka
+    fs, ft, _, _ = rcka_inputs(12)
+    for a, b in zip(fs, ft):
+        assert 1 - sp_cka(a, b).item() == pytest.approx(1 + dk_spcka_loss(b.numpy(), a.numpy()), rel=1e-12)
+
+
+def test_default_rcka_is_the_authors_loss_term_by_term():
+    """RCKALoss() = the related code's loss plus a constant per term: 1 - CKA where it has -CKA."""
+    fs, ft, zs, zt = rcka_inputs(13)
+    ours = RCKALoss().terms(feats_s=fs, feats_t=ft, logits_s=zs, logits_t=zt)
+    ref = dk_rcka_distillation_terms([f.numpy() for f in fs], [f.numpy() for f in ft], zs.numpy(), zt.numpy())
+    constants = {"fcka": 1.0 * len(fs), "lcka_intra": 15.0, "lcka_inter": 15.0}
+    assert set(ours) == set(ref)
+    for name in ref:
+        assert ours[name].item() == pytest.approx(constants[name] + ref[name], rel=1e-10), name
+
+
+def test_default_rcka_has_the_authors_gradients():
+    """1 - CKA and -CKA differ by a constant: our autograd gradient equals central differences of the reference."""
+    fs, ft, zs, zt = rcka_inputs(14, batch=6, classes=5)
+    fs = [f[:, :2, :2, :2].contiguous() for f in fs]
+    ft = [f[:, :3, :2, :2].contiguous() for f in ft]
+    zs = zs.clone().requires_grad_()
+    feats = [f.clone().requires_grad_() for f in fs]
+    RCKALoss()(feats_s=feats, feats_t=ft, logits_s=zs, logits_t=zt).backward()
+
+    def ref_total(f0, f1, z):
+        return sum(dk_rcka_distillation_terms([f0, f1], [f.numpy() for f in ft], z, zt.numpy()).values())
+
+    base = [fs[0].numpy(), fs[1].numpy(), zs.detach().numpy()]
+    grads = [feats[0].grad.numpy(), feats[1].grad.numpy(), zs.grad.numpy()]
+    h = 1e-6
+    for arg in range(3):
+        for index in [(0,) * base[arg].ndim, tuple(s - 1 for s in base[arg].shape)]:
+            plus, minus = [b.copy() for b in base], [b.copy() for b in base]
+            plus[arg][index] += h
+            minus[arg][index] -= h
+            numeric = (ref_total(*plus) - ref_total(*minus)) / (2 * h)
+            assert grads[arg][index] == pytest.approx(numeric, rel=1e-5, abs=1e-8), (arg, index)
+
+
+def test_centred_option_centres_the_representations_before_the_authors_computation():
+    from common.cka_variants import gram_cosine, sp_cka
+    fs, ft, zs, zt = rcka_inputs(15)
+    centre = lambda a: a - a.mean(0, keepdims=True)  # noqa: E731
+    expected = dk_center_kernel_alignment(centre(zt.numpy()), centre(zs.numpy()), with_l2_norm=True)
+    assert gram_cosine(zs, zt, centered=True, row_norm=True).item() == pytest.approx(expected, rel=1e-12)
+    assert gram_cosine(zs, zt, centered=True).item() == pytest.approx(np_cka(zs.numpy(), zt.numpy()), rel=1e-12)
+    # SP form: the outer CKA is true (centred) linear CKA of the two SP kernels.
+    from common.cka_variants import sp_kernel
+    a, b = sp_kernel(fs[0]).numpy(), sp_kernel(ft[0]).numpy()
+    assert sp_cka(fs[0], ft[0], centered=True).item() == pytest.approx(np_cka(a, b), rel=1e-12)
+
+
+def test_row_normalised_logit_cka_invariances():
+    """What K_ij / sqrt(K_ii) keeps: a common positive scale, an orthogonal map of the classes, a permutation
+    of the samples (applied to both), and the order of its two arguments; what it loses: rescaling one sample
+    (the scale leaves the row but stays in that sample's column)."""
+    from common.cka_variants import gram_cosine
+    _, _, zs, zt = rcka_inputs(16)
+    value = gram_cosine(zs, zt, row_norm=True).item()
+    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    assert gram_cosine(3.7 * zs, zt, row_norm=True).item() == pytest.approx(value, rel=1e-12)
+    assert gram_cosine(zs @ q, zt, row_norm=True).item() == pytest.approx(value, rel=1e-12)
+    assert gram_cosine(zs[perm], zt[perm], row_norm=True).item() == pytest.approx(value, rel=1e-12)
+    assert gram_cosine(zt, zs, row_norm=True).item() == pytest.approx(value, rel=1e-12)
+    scales = torch.linspace(0.2, 5.0, 16, dtype=torch.float64)[:, None]
+    assert abs(gram_cosine(scales * zs, zt, row_norm=True).item() - value) > 1e-3
+    # Uncentred, a shared offset moves the value; centred, it does not.
+    offset = torch.linspace(-3, 3, 10, dtype=torch.float64)
+    centred = gram_cosine(zs, zt, centered=True, row_norm=True).item()
+    assert gram_cosine(zs + offset, zt, centered=True, row_norm=True).item() == pytest.approx(centred, rel=1e-12)
+    assert abs(gram_cosine(zs + offset, zt, row_norm=True).item() - value) > 1e-3
+
+
+def test_a_zero_sample_gives_a_finite_row_normalised_cka_and_gradient():
+    """The related code divides 0 by 0 here (NaN); we treat the zero row as zero."""
+    from common.cka_variants import gram_cosine, sp_cka
+    _, _, zs, zt = rcka_inputs(17)
+    zs = zs.clone()
+    zs[3] = 0
+    zs.requires_grad_()
+    value = gram_cosine(zs, zt, row_norm=True) + sp_cka(zs.view(16, 2, 5), zt.view(16, 2, 5))
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(zs.grad).all()
+
+
+def test_rcka_rejects_an_unknown_feature_form():
+    with pytest.raises(ValueError, match="'sp'.*'gram'"):
+        RCKALoss(feature_form="cka")
 
 
 @pytest.mark.parametrize("only", ["fcka", "lcka_intra", "lcka_inter"])
@@ -155,12 +305,15 @@ def test_rcka_is_zero_for_identical_teacher_and_student_and_teacher_gets_no_grad
     assert teacher_logits.grad is None
 
 
-def test_rcka_gradients_pass_gradcheck():
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("logit_row_norm,feature_form", [(True, "sp"), (False, "gram")])
+def test_rcka_gradients_pass_gradcheck(centered, logit_row_norm, feature_form):
     fs, ft, zs, zt = rcka_inputs(4, batch=6, classes=5)
     fs = [f[:, :2, :2, :2].contiguous().requires_grad_() for f in fs]
     ft = [f[:, :3, :2, :2].contiguous() for f in ft]
     zs = zs.requires_grad_()
-    fn = lambda a, b, z: RCKALoss(1.0, 2.0, 3.0)(feats_s=[a, b], feats_t=ft, logits_s=z, logits_t=zt)  # noqa: E731
+    loss = RCKALoss(1.0, 2.0, 3.0, centered=centered, logit_row_norm=logit_row_norm, feature_form=feature_form)
+    fn = lambda a, b, z: loss(feats_s=[a, b], feats_t=ft, logits_s=z, logits_t=zt)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (fs[0], fs[1], zs))
 
 
@@ -235,10 +388,15 @@ def golden_inputs():
 
 def compute_golden():
     fs, ft, zs, zt, y, ps, pt = golden_inputs()
+    rcka = dict(feats_s=fs, feats_t=ft, logits_s=zs, logits_t=zt)
+    figure = dict(logit_row_norm=False, feature_form="gram")
     return {
-        "rcka": RCKALoss()(feats_s=fs, feats_t=ft, logits_s=zs, logits_t=zt).item(),
-        "rcka_uncentered": RCKALoss(centered=False)(feats_s=fs, feats_t=ft, logits_s=zs, logits_t=zt).item(),
-        "pcka": PCKALoss(patch_size=8)(feats_s=ps, feats_t=pt).item(),
+        "rcka_default_authors": RCKALoss()(**rcka).item(),
+        "rcka_centered_authors": RCKALoss(centered=True)(**rcka).item(),
+        "rcka_centered_gram": RCKALoss(centered=True, **figure)(**rcka).item(),
+        "rcka_uncentered_gram": RCKALoss(centered=False, **figure)(**rcka).item(),
+        "pcka_default_authors": PCKALoss(patch_size=8)(feats_s=ps, feats_t=pt).item(),
+        "pcka_centered": PCKALoss(patch_size=8, centered=True)(feats_s=ps, feats_t=pt).item(),
         "pcka_inter_uncentered": PCKALoss(patch_size=8, intra_weight=0, inter_weight=1, centered=False)(feats_s=ps, feats_t=pt).item(),
         "kd": KDLoss(4.0)(logits_s=zs, logits_t=zt).item(),
         "dkd": DKDLoss(1.0, 8.0, 4.0)(logits_s=zs, logits_t=zt, targets=y).item(),
@@ -263,7 +421,8 @@ def test_every_method_builds_a_loss_called_with_the_same_keywords():
     fs, ft, zs, zt = rcka_inputs(7)
     target = torch.randint(0, 10, (16,))
     settings = dict(kd_temperature=4.0, kd_weight=0.9, dkd_alpha=1.0, dkd_beta=8.0, dkd_temperature=4.0, dkd_warmup=20,
-                    fcka_weight=1.0, lcka_intra_weight=15.0, lcka_inter_weight=15.0, cka_centered=False)
+                    fcka_weight=1.0, lcka_intra_weight=15.0, lcka_inter_weight=15.0, cka_centered=False,
+                    lcka_row_norm=True, fcka_form="sp")
     expected_terms = {"ce": None, "kd": {"kd"}, "dkd": {"tckd", "nckd"}, "fcka": {"fcka"},
                       "lcka": {"lcka_intra", "lcka_inter"}, "rcka": {"fcka", "lcka_intra", "lcka_inter"}}
     assert set(METHODS) == set(expected_terms)
@@ -277,6 +436,18 @@ def test_every_method_builds_a_loss_called_with_the_same_keywords():
         assert loss.needs_features == (method in ("fcka", "rcka")), method
     with pytest.raises(ValueError, match="unknown method 'crd'"):
         build_distillation_loss("crd", settings)
+
+
+def test_built_rcka_takes_the_variants_it_is_given():
+    from argparse import Namespace
+
+    from common.losses import build_distillation_loss
+    settings = dict(fcka_weight=1.0, lcka_intra_weight=15.0, lcka_inter_weight=15.0, cka_centered=False,
+                    lcka_row_norm=True, fcka_form="sp")
+    loss = build_distillation_loss("rcka", settings)
+    assert (loss.centered, loss.logit_row_norm, loss.feature_form) == (False, True, "sp")
+    loss = build_distillation_loss("rcka", Namespace(**{**settings, "lcka_row_norm": False, "fcka_form": "gram"}))
+    assert (loss.logit_row_norm, loss.feature_form) == (False, "gram")
 
 
 def test_kd_weight_scales_the_kd_term():
