@@ -69,8 +69,8 @@ def measure(pair, method, bench, device):
     def steps(count):
         loader = RandomImages(count, bench.batch_size, 224, 1000)
         with contextlib.redirect_stdout(io.StringIO()):  # train_one_epoch's progress lines
-            train.train_one_epoch(student, teacher if criterion is not None else None, criterion, *taps, loader, prepare,
-                                  optimizer, 5, device, args, cfg)
+            train.train_one_epoch(student, teacher if criterion is not None else None, criterion, *taps, loader,
+                                  prepare, optimizer, 5, device, args, cfg)
 
     gflop = 3 * forward_gflop(student, device, memory_format)
     if criterion is not None:

@@ -86,8 +86,9 @@ def check_layout(data_path: str | os.PathLike, num_classes: int) -> list[str]:
         folders = _class_folders(split_dir)
         loose = [entry.name for entry in os.scandir(split_dir) if entry.is_file() and _is_image(entry.name)]
         if loose:
+            archive = "validation" if split == "val" else "training"
             message = (f"{split_dir} holds {len(loose)} images directly (e.g. {sorted(loose)[0]}) instead of one "
-                       f"folder per class: this is the flat layout of the raw {'validation' if split == 'val' else 'training'} archive.")
+                       f"folder per class: this is the flat layout of the raw {archive} archive.")
             raise DatasetLayoutError(message + "\n" + (_SORT_VAL.format(root=root) if split == "val" else
                                      "Extract each per-class tar of ILSVRC2012_img_train.tar into train/<wnid>/."))
         if not folders:
@@ -214,8 +215,8 @@ def build_loaders(data_path, classes: list[str], *, batch_size: int, val_batch_s
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(train_set, rank, world_size, seed),
                               drop_last=True, **common)
-    val_loader = DataLoader(val_set, batch_size=val_batch_size, sampler=DistributedEvalSampler(val_set, rank, world_size),
-                            **common)
+    val_loader = DataLoader(val_set, batch_size=val_batch_size,
+                            sampler=DistributedEvalSampler(val_set, rank, world_size), **common)
     return train_loader, val_loader
 
 

@@ -90,7 +90,8 @@ def variant_label(identity: dict) -> str:
 
 def describe(record: RunRecord) -> str:
     identity = record.identity or (record.summary or {}).get("identity") or {}
-    pair = identity.get("student", "?") if not identity.get("teacher") else f"{identity['teacher']} → {identity['student']}"
+    student, teacher = identity.get("student", "?"), identity.get("teacher")
+    pair = f"{teacher} → {student}" if teacher else student
     return f"{pair}, {identity.get('method', '?')}, seed {identity.get('seed', '?')}"
 
 

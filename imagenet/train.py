@@ -256,7 +256,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--teacher {args.teacher}: torchvision's {args.teacher} weights are not among the paper's "
                          f"teachers (resnet34, resnet50); pass --teacher_ckpt FILE with its weights.")
     if method in ("fcka", "rcka"):
-        stages_s, stages_t = select_stages(args.student, args.fcka_stages), select_stages(args.teacher, args.fcka_stages)
+        stages_s = select_stages(args.student, args.fcka_stages)
+        stages_t = select_stages(args.teacher, args.fcka_stages)
         if len(stages_s) != len(stages_t):
             raise UsageError(f"FCKA pairs stages one to one, but {args.student} has stages {stages_s} and "
                              f"{args.teacher} {stages_t}; pick indices both have with --fcka_stages (e.g. '-1').")
@@ -556,9 +557,9 @@ def train(args, cfg, info, run, identity, classes, teacher, teacher_path, teache
         save_zoo_weights(student, run.last_weights, args.epochs - 1, stats["acc1"])
         run.finish(summary)
     pair = f"{cfg['teacher']} -> {args.student}" if cfg["teacher"] else args.student
+    paper_text = compare_with_paper(stats["acc1"], stats["acc5"], cfg["teacher"], args.student, cfg["method"], full)
     dist.print_main(f"RESULT imagenet {pair} {cfg['method']} seed {args.seed}: last top-1 {stats['acc1']:.2f} top-5 "
-                    f"{stats['acc5']:.2f}, best top-1 {best_acc1:.2f} (epoch {best_epoch}) | "
-                    f"{compare_with_paper(stats['acc1'], stats['acc5'], cfg['teacher'], args.student, cfg['method'], full)}")
+                    f"{stats['acc5']:.2f}, best top-1 {best_acc1:.2f} (epoch {best_epoch}) | {paper_text}")
     return summary
 
 

@@ -219,7 +219,8 @@ def with_task_defaults(task: str, args: argparse.Namespace) -> tuple[argparse.Na
     if default_sweep is not None and not named:
         changes["sweep"] = default_sweep
         notes.append(f"no run named: {task}'s default sweep {default_sweep} ({SWEEPS[default_sweep].help}); name "
-                     f"runs with --sweep, --pairs, --methods, --seeds or the task's --teacher/--student/--method/--seed")
+                     f"runs with --sweep, --pairs, --methods, --seeds or the task's --teacher/--student/--method/"
+                     f"--seed")
     # --device cpu asks for no GPU: the task's GPU default would only make sbatch refuse on a CPU partition.
     cpu_only = getattr(args, "device", None) == "cpu"
     resources = {key: value for key, value in getattr(module, "SLURM_DEFAULTS", {}).items()

@@ -24,7 +24,8 @@ from imagenet_fixtures import write_fake_imagenet, write_torchvision_teacher
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ("args.json", "log.txt", "checkpoint.pth", "student_best.pth", "student_last.pth", "done.json")
 # 4 classes, --subset 2: one training step of 8 images per epoch, 8 validation images.
-SMALL = ["--num_classes", "4", "--subset", "2", "--train_crop_size", "16", "--val_resize_size", "18", "--val_crop_size", "16",
+SMALL = ["--num_classes", "4", "--subset", "2",
+         "--train_crop_size", "16", "--val_resize_size", "18", "--val_crop_size", "16",
          "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--print_freq", "1000"]
 
 
@@ -131,8 +132,9 @@ def test_teacher_is_downloaded_hash_checked_measured_once_and_printed_beside_its
     weights = write_torchvision_teacher(tmp_path / "w.pth", "resnet34", 4)
     name = f"resnet34-{file_sha256(weights)[:8]}.pth"  # torchvision's naming: the sha256 prefix is checked
     os.replace(weights, served / name)
-    common = ["--teacher", "resnet34", "--student", "mobilenet_v1", "--method", "kd", "--weights_dir", str(tmp_path / "hub"),
-              "--teacher_url", f"{url}/{name}", "--teacher_eval_cache", str(tmp_path / "cache")]
+    common = ["--teacher", "resnet34", "--student", "mobilenet_v1", "--method", "kd",
+              "--weights_dir", str(tmp_path / "hub"), "--teacher_url", f"{url}/{name}",
+              "--teacher_eval_cache", str(tmp_path / "cache")]
     train.main(make_args(data, tmp_path / "a", *common))
     out = capsys.readouterr().out
     assert (tmp_path / "hub" / name).is_file()
