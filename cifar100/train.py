@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import math
 import os
 import sys
@@ -43,6 +42,7 @@ from common.checkpoint import (
     save_zoo_weights,
     set_rng_state,
 )
+from common.evaluation import evaluate_classifier, state_dict_sha256
 from common.features import FeatureTaps
 from common.logging import MetricLogger, SmoothedValue, git_state
 from common.losses import FEATURE_FORMS, METHOD_SETTINGS, METHODS, build_distillation_loss
@@ -50,6 +50,13 @@ from common.run import RunError, RunFolder, file_sha256, folder_suffix, identity
 
 # Students trained with LR 0.01 instead of 0.05 in the CRD/DKD recipe (they diverge at 0.05).
 LIGHTWEIGHT_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+# What `python slurm/launch.py cifar100` submits when no run is named (slurm/launch.py applies these): the paper's
+# Table 1 RCKA column, 9 pairs x seeds 0 1 2 (CIFAR-100's seed spread of 0.5-1.5 points needs the mean), each run on
+# one GPU; the tensor loader needs few CPUs. 12 h holds 240 epochs of these small models on any recent GPU; a run
+# that needs longer is requeued at the limit and resumes from its last epoch.
+DEFAULT_SWEEP = "table1_rcka"
+SLURM_DEFAULTS = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 4, "timeout_min": 12 * 60}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -485,7 +492,7 @@ def train(args, cfg, info, run, identity, teacher, teacher_path, teacher_sha256,
                                       epoch, info.device, args, cfg)
         lr_scheduler.step()
         dist.broadcast_buffers(student)
-        stats = evaluate(student, test_loader, info.device, args.amp)
+        stats = evaluate_classifier(student, test_loader, info.device, args.amp)
         if best_epoch < 0 or stats["acc1"] > best_acc1:
             best_acc1, best_epoch = stats["acc1"], epoch
             if dist.is_main_process():
@@ -505,7 +512,7 @@ def train(args, cfg, info, run, identity, teacher, teacher_path, teacher_sha256,
 
     # ------------------------------------------------------------ final summary beside the paper
     if stats is None:  # resumed after the last epoch had been checkpointed but before done.json was written
-        stats = evaluate(student, test_loader, info.device, args.amp)
+        stats = evaluate_classifier(student, test_loader, info.device, args.amp)
     verified = not args.no_verify_data
     paper = paper_row(cfg["teacher"], args.student, cfg["method"])
     summary = {"task": "cifar100", "teacher": cfg["teacher"], "student": args.student, "method": cfg["method"],
@@ -538,7 +545,7 @@ def evaluate_only(args: argparse.Namespace, info) -> dict:
     images, labels = load_cifar100(args.data_path, train=False, download=False, verify=False)
     loader = TensorLoader(images, labels, 256, train=False, device=info.device, seed=0, rank=info.rank,
                           world_size=info.world_size)
-    stats = evaluate(student, loader, info.device, args.amp)
+    stats = evaluate_classifier(student, loader, info.device, args.amp)
     dist.print_main(f"{args.student} from {path}: top-1 {stats['acc1']:.2f}  top-5 {stats['acc5']:.2f}")
     return stats
 
@@ -554,7 +561,7 @@ def check_teacher(args, run, info, teacher, path, sha256, meta, test_loader, mem
     if cached is not None:
         measured = cached["acc1"]
     else:
-        measured = evaluate(teacher, test_loader, info.device, args.amp)["acc1"]
+        measured = evaluate_classifier(teacher, test_loader, info.device, args.amp)["acc1"]
         if dist.is_main_process():
             run.write_teacher_eval(sha256, {"teacher": args.teacher, "checkpoint": str(path), "acc1": measured,
                                             "claimed": claimed})
@@ -576,15 +583,6 @@ class TeacherCheckError(RuntimeError):
 
 class UsageError(ValueError):
     """Flags that do not fit together; the message says which and what to pass instead."""
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """A fingerprint of the weights: equal on every rank of a correct DDP run, and across exact resumes."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def set_loader_epoch(loader, epoch: int) -> None:
@@ -629,26 +627,6 @@ def train_one_epoch(model, teacher, criterion, student_taps, teacher_taps, loade
     metric_logger.synchronize_between_processes()
     dist.print_main(f"Averaged stats: {metric_logger}")
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, amp: bool) -> dict:
-    """Top-1/top-5 (%) and mean CE over the whole test set; each rank sees a disjoint shard, sums are reduced."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
-    for images, targets in loader:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(images)
-        top5 = logits.topk(5, dim=1).indices
-        correct = top5.eq(targets[:, None])
-        sums += torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum(),
-                             F.cross_entropy(logits.float(), targets, reduction="sum"),
-                             torch.tensor(len(targets), device=device)]).double()
-    sums = dist.all_reduce_sum(sums)
-    count = sums[3].item()
-    return {"acc1": 100.0 * sums[0].item() / count, "acc5": 100.0 * sums[1].item() / count,
-            "loss": sums[2].item() / count}
 
 
 # Errors whose message already says what to do: print it without a traceback.

@@ -1,17 +1,23 @@
 """Training runs of any task as SLURM jobs (submitit): one run, several seeds, or a named sweep as ONE job array.
 
+    python slurm/launch.py imagenet --data_path /datasets/imagenet --dry_run   # the task's default sweep and resources
+    python slurm/launch.py cifar100                                            # Table 1's RCKA column, 1 GPU per run
     python slurm/launch.py cifar100 --teacher resnet56 --student resnet20 --timeout_min 600 --gpus_per_node 1
     python slurm/launch.py cifar100 --sweep table1 --timeout_min 600 --gpus_per_node 1 --dry_run
-    python slurm/launch.py cifar100 --sweep table1 --timeout_min 600 --gpus_per_node 1      # submit (or resubmit)
     python slurm/launch.py cifar100 --sweep table1 --status                                  # where every run is
-    python slurm/launch.py imagenet --nodes 2 --gpus_per_node 8 --timeout_min 2880 ...       # multi-node DDP
+    python slurm/launch.py imagenet --sweep table2 --nodes 2 --gpus_per_node 8               # multi-node DDP
 
-Every flag of the task's train.py works as is (this parser extends the task's own); the SLURM flags below are passed
-to sbatch only when given, so the cluster's own defaults apply otherwise. Each run's output_dir is derived from its
-settings and made absolute at submission, so resubmitting a sweep skips finished runs (done.json), leaves alone runs
-whose job is still queued or running, and resubmits the rest, which resume from their checkpoint.pth. A preempted
-or timed-out job is requeued by submitit (Trainer.checkpoint) and resumes the same way. `--status` with the same
-flags reads the run folders and squeue: done / running / pending / failed / not submitted.
+Every flag of the task's train.py works as is (this parser extends the task's own). A task module may declare, beside
+its recipe, DEFAULT_SWEEP (the named sweep a command that names no run submits: no --sweep, --pairs, --methods,
+--seeds, --teacher, --student, --method, --seed or --output_dir) and SLURM_DEFAULTS (resources for its runs, e.g.
+{"nodes": 1, "gpus_per_node": 8, "timeout_min": 720}), so `python slurm/launch.py imagenet` alone submits the paper's
+Table 2 RCKA runs on one 8-GPU node each; every flag overrides them, and the launcher prints which defaults it
+applied (--device cpu leaves out the GPU default). SLURM flags that neither the command nor the task sets are not
+passed, so the cluster's own defaults apply. Each run's output_dir is derived from its settings and made absolute at
+submission, so resubmitting a sweep skips finished runs (done.json), leaves alone runs whose job is still queued or
+running, and resubmits the rest, which resume from their checkpoint.pth. A preempted or timed-out job is requeued by
+submitit (Trainer.checkpoint) and resumes the same way. `--status` with the same flags reads the run folders and
+squeue: done / running / pending / failed / not submitted.
 """
 from __future__ import annotations
 
@@ -37,8 +43,8 @@ from slurm.sweeps import SWEEP_SEEDS, SWEEPS, LaunchError, Run, varied_settings
 
 __all__ = ["LaunchError", "Run", "Trainer", "executor_parameters", "expand_runs", "main", "parse_args", "run_state"]
 
-# Task name -> its training module, which provides get_args_parser(add_help), main(args) and default_output_dir(args).
-# A new task is one line here.
+# Task name -> its training module, which provides get_args_parser(add_help), main(args) and default_output_dir(args),
+# and may set DEFAULT_SWEEP and SLURM_DEFAULTS (see the module docstring). A new task is one line here.
 TASKS = {
     "cifar100": "cifar100.train",
     "imagenet": "imagenet.train",
@@ -192,6 +198,39 @@ def parse_args(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:
             raise SystemExit(0)
         raise LaunchError(f"name the task first.\n{usage}")
     return argv[0], get_args_parser(argv[0]).parse_args(argv[1:])
+
+
+# Flags that name which runs to submit: a command with none of them gets the task's DEFAULT_SWEEP.
+RUN_SELECTION = ("sweep", "pairs", "methods", "seeds", "teacher", "student", "method", "seed", "output_dir")
+SLURM_RESOURCES = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "mem_gb", "timeout_min", "partition",
+                   "account", "qos", "constraint")
+
+
+def with_task_defaults(task: str, args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
+    """The flags with the task's DEFAULT_SWEEP (when no run is named) and SLURM_DEFAULTS (for resources not given)
+    filled in, as a new namespace, and one line per default applied, for the user to see."""
+    module = load_task(task)
+    task_parser = module.get_args_parser(add_help=False)
+    task_dests = {action.dest for action in task_parser._actions}
+    changes, notes = {}, []
+    default_sweep = getattr(module, "DEFAULT_SWEEP", None)
+    named = [dest for dest in RUN_SELECTION if hasattr(args, dest)
+             and getattr(args, dest) != (task_parser.get_default(dest) if dest in task_dests else None)]
+    if default_sweep is not None and not named:
+        changes["sweep"] = default_sweep
+        notes.append(f"no run named: {task}'s default sweep {default_sweep} ({SWEEPS[default_sweep].help}); name "
+                     f"runs with --sweep, --pairs, --methods, --seeds or the task's --teacher/--student/--method/"
+                     f"--seed")
+    # --device cpu asks for no GPU: the task's GPU default would only make sbatch refuse on a CPU partition.
+    cpu_only = getattr(args, "device", None) == "cpu"
+    resources = {key: value for key, value in getattr(module, "SLURM_DEFAULTS", {}).items()
+                 if key in SLURM_RESOURCES and getattr(args, key) is None
+                 and not (cpu_only and key == "gpus_per_node")}
+    if resources:
+        changes.update(resources)
+        notes.append(f"{task}'s default resources: " + ", ".join(f"--{k} {v}" for k, v in resources.items())
+                     + " (each flag overrides)")
+    return argparse.Namespace(**{**vars(args), **changes}), notes
 
 
 def task_namespace(task_parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -361,6 +400,9 @@ def main(argv: Sequence[str] | None = None, cluster: str | None = None) -> list:
     """Submits and returns the jobs, or with --dry_run / --status prints and returns [(run, state, detail), ...]."""
     argv = list(sys.argv[1:] if argv is None else argv)
     task, args = parse_args(argv)
+    args, notes = with_task_defaults(task, args)
+    for note in notes:
+        print(note)
     runs = expand_runs(task, args)
     if args.status:
         return print_status(runs)

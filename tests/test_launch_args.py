@@ -138,11 +138,13 @@ def test_bad_run_flags_say_what_to_pass(argv, message):
     assert message in str(err.value)
 
 
-def test_unknown_task_and_task_without_train_py_list_the_available_ones():
-    with pytest.raises(launch.LaunchError, match=r"unknown task 'mnist'; tasks: cifar100"):
+def test_unknown_task_and_task_without_train_py_list_the_available_ones(monkeypatch):
+    with pytest.raises(launch.LaunchError, match=r"unknown task 'mnist'; tasks: cifar100, imagenet, coco_detection"):
         launch.main(["mnist"])
-    with pytest.raises(launch.LaunchError, match=r"imagenet/train.py does not exist.*available now: cifar100"):
-        launch.main(["imagenet", "--nodes", "2"])
+    monkeypatch.setitem(launch.TASKS, "planned", "planned_task.train")  # every real task has its train.py now
+    with pytest.raises(launch.LaunchError, match=r"planned_task/train.py does not exist.*available now: cifar100, "
+                                                 r"imagenet, coco_detection"):
+        launch.main(["planned", "--nodes", "2"])
 
 
 def test_cli_errors_are_one_line_without_traceback():
@@ -214,6 +216,7 @@ def test_dry_run_prints_each_run_and_submits_nothing(tmp_path, monkeypatch, caps
 
 def test_dry_run_warns_when_the_plan_has_no_time_limit_or_no_gpus(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "SLURM_DEFAULTS", {})  # a task that declares no resources
     launch.main(["cifar100", "--sweep", "table1", "--dry_run"])
     out = capsys.readouterr().out
     assert "warning: no --timeout_min" in out and "warning: no --gpus_per_node" in out
@@ -239,8 +242,24 @@ def test_timed_out_jobs_are_requeued_many_times_not_submitits_default_three(tmp_
 
 def test_submitting_needs_a_time_limit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "SLURM_DEFAULTS", {})  # a task that declares no time limit
     with pytest.raises(launch.LaunchError, match="pass --timeout_min"):
         launch.main(["cifar100", "--student", "resnet8"], cluster="debug")
+
+
+def test_bare_cifar100_command_plans_table1s_rcka_column_on_one_gpu_each(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    states = launch.main(["cifar100", "--dry_run"])
+    out = capsys.readouterr().out
+    assert len(states) == 9 * 3 and {run.args.method for run, _, _ in states} == {"rcka"}
+    assert {(run.args.teacher, run.args.student) for run, _, _ in states} == set(pairs_of("rcka_table1"))
+    assert "default sweep table1_rcka" in out and "'gpus_per_node': 1" in out and "'timeout_min': 720" in out
+    assert "warning" not in out
+
+
+def test_device_cpu_leaves_out_the_tasks_gpu_default():
+    args, _ = launch.with_task_defaults("cifar100", parse("--student", "resnet8", "--device", "cpu"))
+    assert args.gpus_per_node is None and args.timeout_min == 720
 
 
 def test_checkpoint_requeues_the_same_run():
