@@ -206,16 +206,24 @@ SLURM_RESOURCES = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task",
                    "account", "qos", "constraint")
 
 
-def with_task_defaults(task: str, args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
+def with_task_defaults(task: str, args: argparse.Namespace, argv: Sequence[str] = ()) -> tuple[argparse.Namespace,
+                                                                                            list[str]]:
     """The flags with the task's DEFAULT_SWEEP (when no run is named) and SLURM_DEFAULTS (for resources not given)
-    filled in, as a new namespace, and one line per default applied, for the user to see."""
+    filled in, as a new namespace, and one line per default applied, for the user to see.
+
+    A run is named by a selection flag that differs from its default, or that the command line ``argv`` spells
+    out (``--student resnet20`` names one run even where resnet20 is the default)."""
     module = load_task(task)
     task_parser = module.get_args_parser(add_help=False)
     task_dests = {action.dest for action in task_parser._actions}
     changes, notes = {}, []
     default_sweep = getattr(module, "DEFAULT_SWEEP", None)
+    spelled = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    selection_flags = {option for action in get_args_parser(task)._actions if action.dest in RUN_SELECTION
+                       for option in action.option_strings}
     named = [dest for dest in RUN_SELECTION if hasattr(args, dest)
              and getattr(args, dest) != (task_parser.get_default(dest) if dest in task_dests else None)]
+    named += sorted(spelled & selection_flags)
     if default_sweep is not None and not named:
         changes["sweep"] = default_sweep
         notes.append(f"no run named: {task}'s default sweep {default_sweep} ({SWEEPS[default_sweep].help}); name "
@@ -400,7 +408,7 @@ def main(argv: Sequence[str] | None = None, cluster: str | None = None) -> list:
     """Submits and returns the jobs, or with --dry_run / --status prints and returns [(run, state, detail), ...]."""
     argv = list(sys.argv[1:] if argv is None else argv)
     task, args = parse_args(argv)
-    args, notes = with_task_defaults(task, args)
+    args, notes = with_task_defaults(task, args, argv)
     for note in notes:
         print(note)
     runs = expand_runs(task, args)

@@ -43,3 +43,10 @@ def test_any_flag_overrides_the_defaults(tmp_path, monkeypatch, capsys):
     assert args.sweep == "table2_rcka"
     assert all(run.args.epochs == 10 for run in launch.expand_runs("imagenet", args))
     assert train.SLURM_DEFAULTS["gpus_per_node"] * 64 == 512  # the recipe's total batch at 64 per GPU
+    # A selection flag spelled out names one run even when its value is the default.
+    argv = ["imagenet", "--student", "resnet18", "--teacher", "resnet34"]
+    args, _ = launch.with_task_defaults("imagenet", launch.parse_args(argv)[1], argv[1:])
+    assert args.sweep is None
+    argv = ["imagenet", "--seed=0"]
+    args, _ = launch.with_task_defaults("imagenet", launch.parse_args(argv)[1], argv[1:])
+    assert args.sweep is None and len(launch.expand_runs("imagenet", args)) == 1
