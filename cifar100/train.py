@@ -10,10 +10,8 @@ Rerunning the same command resumes from output_dir/checkpoint.pth; a finished ru
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -33,9 +31,9 @@ from cifar100.models import MODELS, STAGES, build_model
 from cifar100.report import compare_with_paper, paper_row
 from cifar100.teachers import ZOO_TOP1, ZOO_URL, TeacherNotFoundError, resolve_teacher_checkpoint
 from common import dist
+from common.cli import UsageError, resolve_device, run_command
 from common.checkpoint import (
     CheckpointError,
-    load_checkpoint,
     load_zoo_weights,
     rng_state,
     save_atomic,
@@ -46,7 +44,7 @@ from common.evaluation import evaluate_classifier, state_dict_sha256
 from common.features import FeatureTaps
 from common.logging import MetricLogger, SmoothedValue, git_state
 from common.losses import FEATURE_FORMS, METHOD_SETTINGS, METHODS, build_distillation_loss
-from common.run import RunError, RunFolder, file_sha256, folder_suffix, identity_differences
+from common.run import RunError, RunFolder, file_sha256, folder_suffix
 
 # Students trained with LR 0.01 instead of 0.05 in the CRD/DKD recipe (they diverge at 0.05).
 LIGHTWEIGHT_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -229,25 +227,6 @@ def validate_args(args: argparse.Namespace) -> None:
             )
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The training device, with a clear error where it does not exist here."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device torch knows; pass cpu or cuda (cuda:N for one GPU)."
-                         ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}, built "
-                         f"with CUDA {torch.version.cuda}); pass --device cpu, or run where a GPU is visible.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here (cuda:0..).")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: this script trains on cpu or cuda only.")
-    return device
-
-
 def derive_config(args: argparse.Namespace, world_size: int) -> dict:
     """Values that follow from the user's flags, kept apart from them (args is never modified)."""
     method = resolved_method(args)
@@ -365,7 +344,7 @@ def main(args: argparse.Namespace) -> dict:
             dist.print_main(f"--method ce trains {args.student} alone: the teacher {args.teacher} is not loaded.")
         identity = run_identity(args, cfg, teacher_sha256)
         decision = run.decide(identity, EXTENDABLE)
-        checkpoint = read_resume_checkpoint(args, run, identity) if decision.state != "finished" else None
+        checkpoint = run.read_checkpoint(identity, EXTENDABLE, args.resume) if decision.state != "finished" else None
         if checkpoint is not None and checkpoint["epoch"] + 1 > args.epochs:
             raise UsageError(f"{args.resume or run.checkpoint} has already trained {checkpoint['epoch'] + 1} epochs; "
                              f"--epochs {args.epochs} cannot undo that: pass --epochs {checkpoint['epoch'] + 1} or "
@@ -394,30 +373,6 @@ def main(args: argparse.Namespace) -> dict:
             raise
     finally:
         dist.cleanup()
-
-
-def read_resume_checkpoint(args: argparse.Namespace, run: RunFolder, identity: dict) -> dict | None:
-    """The training checkpoint to resume from (--resume, else the folder's), checked against this run's identity."""
-    path = Path(args.resume) if args.resume else (run.checkpoint if run.checkpoint.exists() else None)
-    if path is None:
-        return None
-    if not path.is_file():
-        raise UsageError(f"--resume {path} does not exist; check the path, or leave --resume out to resume from the "
-                         f"run folder's own {run.checkpoint.name}.")
-    checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
-        raise UsageError(f"--resume {path} holds weights only (zoo format), not a training checkpoint: to evaluate "
-                         f"it add --eval; to continue training, resume from a run's {run.checkpoint.name}.")
-    saved = checkpoint.get("identity")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path} was written by an older version of this code and records no run identity; "
-                              f"it cannot be resumed safely. Pass another --output_dir, or delete it to start over.")
-    differences = identity_differences(saved, identity, ignore=EXTENDABLE)
-    if differences:
-        lines = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
-        raise CheckpointError(f"{path} belongs to a run with other settings ({lines}): pass the settings it was "
-                              f"trained with, or another --output_dir.")
-    return checkpoint
 
 
 def train(args, cfg, info, run, identity, teacher, teacher_path, teacher_sha256, teacher_meta, checkpoint) -> dict:
@@ -581,10 +536,6 @@ class TeacherCheckError(RuntimeError):
     """--strict_teacher and the teacher's measured accuracy is below its claim."""
 
 
-class UsageError(ValueError):
-    """Flags that do not fit together; the message says which and what to pass instead."""
-
-
 def set_loader_epoch(loader, epoch: int) -> None:
     """Reseed the epoch's shuffle (and, for TensorLoader, augmentation) from (seed, epoch)."""
     if hasattr(loader, "set_epoch"):
@@ -635,19 +586,7 @@ USER_ERRORS = (DatasetNotFoundError, DatasetIntegrityError, TeacherNotFoundError
 
 
 def cli(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the run stopped; rerun the same command to resume from its last checkpoint "
-                 "(saved after every epoch).")
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            raise
-        sys.exit(f"error: cannot write {err.filename or 'a run file'}: {err.strerror}. Files written before are "
-                 f"intact; free space or fix the permissions, then rerun the same command to resume.")
+    run_command(main, get_args_parser().parse_args(argv), USER_ERRORS)
 
 
 if __name__ == "__main__":

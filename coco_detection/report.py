@@ -11,22 +11,24 @@ reference point, not the same experiment (coco_detection/README.md). No detectro
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from common.report import (
     group_finished,
-    invalid_summary,
     markdown_table,
     other_runs_lines,
     plot_bars,
+    read_paper_csv,
+    read_task_runs,
+    report_command,
+    report_parser,
     summarize_metrics,
+    write_markdown,
 )
-from common.run import RunError, RunRecord, find_runs
+from common.run import RunRecord
 
 TASK = "coco_detection"
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
@@ -49,21 +51,8 @@ PAPER_METHOD = {"alone": "student", "pcka": "PCKA", "pcka+mimic": "PCKA+mimic", 
 
 def load_paper_results(path: str | Path | None = None) -> list[dict]:
     """Table 3's rows (``#`` lines are provenance), metrics as floats or None where the paper has no number."""
-    path = Path(path) if path is not None else PAPER_CSV
-    if not path.is_file():
-        raise FileNotFoundError(f"paper results {path} not found; pass --paper_csv or restore "
-                                f"coco_detection/paper_results.csv")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader([line for line in f if not line.startswith("#")])
-        missing = {"pair", "method", *METRICS} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)}")
-        rows = list(reader)
-    try:
-        return [{"pair": r["pair"], "method": r["method"],
-                 **{m: float(r[m]) if r[m] not in ("", None) else None for m in METRICS}} for r in rows]
-    except ValueError as err:
-        raise ValueError(f"{path}: a metric is not a number ({err})") from None
+    return read_paper_csv(path if path is not None else PAPER_CSV, ("pair", "method", *METRICS), METRICS,
+                          allow_empty=True)
 
 
 def paper_row(config: str, method: str, results: list[dict]) -> dict | None:
@@ -154,44 +143,24 @@ def format_markdown(rows: list[dict], records: list[RunRecord]) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("COCO detection runs beside the paper's Table 3")
-    parser.add_argument("runs_dir", nargs="?", default="output/coco_detection", help="searched recursively")
-    parser.add_argument("--out", default=None, help="also write the markdown here")
-    parser.add_argument("--plot", default=None, help="bar chart PNG of AP (default: <runs_dir>/report.png)")
-    parser.add_argument("--paper_csv", default=None, help=f"the paper's numbers (default: {PAPER_CSV})")
-    return parser
+    return report_parser("COCO detection runs beside the paper's Table 3", "output/coco_detection", PAPER_CSV)
 
 
 def read_records(runs_dir: str | Path) -> list[RunRecord]:
     """This task's run folders under runs_dir (another task's are skipped), with unusable results marked corrupt."""
-    records = []
-    for record in find_runs(runs_dir):
-        task = (record.identity or (record.summary or {}).get("identity") or record.summary or {}).get("task")
-        if record.state != "corrupt" and task != TASK:
-            continue
-        if record.state == "done":
-            missing = [key for key in DONE_KEYS if key not in record.summary]
-            why = invalid_summary(record, ("AP",)) or (f"done.json lacks {', '.join(missing)}" if missing else None)
-            if why:
-                record.state, record.detail = "corrupt", why
-        elif record.state == "not started" and progress(record):
+    records = read_task_runs(runs_dir, TASK, DONE_KEYS, ("AP",))
+    for record in records:
+        if record.state == "not started" and progress(record):
             record.state = "in progress"  # common.run looks for checkpoint.pth; detectron2 names its own
-        records.append(record)
     return records
 
 
 def main(args: argparse.Namespace) -> str:
     results = load_paper_results(args.paper_csv)
     records = read_records(args.runs_dir)
-    if not records:
-        raise RunError(f"no detection runs found under {args.runs_dir}: a run folder (train.py's OUTPUT_DIR) holds "
-                       f"args.json from its start and done.json once finished")
     rows = summarize(records, results)
     text = format_markdown(rows, records)
-    print(text, end="")
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-        print(f"wrote {args.out}")
+    write_markdown(text, args.out)
     plotted = [row for row in rows if row["AP_mean"] is not None]
     if plotted:
         path = plot_bars([f"{row_label(r)}  {r['method']}" for r in plotted], [r["AP_mean"] for r in plotted],
@@ -203,9 +172,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    parser = get_args_parser()
-    cli_args = parser.parse_args()
-    try:
-        main(cli_args)
-    except (FileNotFoundError, ValueError, RunError) as err:
-        sys.exit(f"error: {err}")
+    report_command(main, get_args_parser())

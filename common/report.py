@@ -7,16 +7,92 @@ supplies what is its own: the paper's table, the metric names, and how to label 
 """
 from __future__ import annotations
 
+import argparse
+import csv
 import math
 import statistics
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.run import RunRecord, finite_number
+from common.run import RunError, RunRecord, find_runs, finite_number
 
 # Keys that name a run rather than a variant of the recipe.
 NAMING_KEYS = ("task", "teacher", "student", "method", "seed")
+
+
+def read_paper_csv(path: str | Path, columns: Sequence[str], numeric: Sequence[str],
+                   allow_empty: bool = False) -> list[dict[str, Any]]:
+    """The rows of a task's ``paper_results.csv`` (``#`` lines are provenance comments), the ``numeric`` columns
+    as floats (None for an empty cell where ``allow_empty``, else an empty cell is an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"paper results {path} not found; pass --paper_csv, or restore it from the repository")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader([line for line in f if not line.startswith("#")])
+        missing = set(columns) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}; the header must hold {','.join(columns)}")
+        rows = list(reader)
+    results = []
+    for row in rows:
+        parsed = {key: row[key] for key in columns}
+        for key in numeric:
+            if allow_empty and row[key] in ("", None):
+                parsed[key] = None
+                continue
+            try:
+                parsed[key] = float(row[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {key} {row[key]!r} in row {row} is not a number; leave out empty "
+                                 f"cells") from None
+        results.append(parsed)
+    return results
+
+
+def read_task_runs(runs_dir: str | Path, task: str, required: Sequence[str],
+                   finite: Sequence[str] = ()) -> list[RunRecord]:
+    """The runs of ``task`` under ``runs_dir`` (other tasks' runs are skipped; damaged folders are kept, as
+    corrupt), a finished run whose done.json lacks a ``required`` key or a ``finite`` metric marked corrupt."""
+    records = []
+    for record in find_runs(runs_dir):
+        identity = record.identity or (record.summary or {}).get("identity") or record.summary or {}
+        if record.state != "corrupt" and identity.get("task", task) != task:
+            continue
+        why = invalid_summary(record, required, finite) if record.state == "done" else None
+        if why:
+            record.state, record.detail = "corrupt", why
+        records.append(record)
+    if not records:
+        raise RunError(f"no {task} runs found under {runs_dir}: a run folder (train.py's output_dir) holds args.json "
+                       f"(written at start), log.txt (one JSON line per epoch) and, once finished, done.json")
+    return records
+
+
+def report_parser(description: str, default_runs_dir: str, paper_csv: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description)
+    parser.add_argument("runs_dir", nargs="?", default=default_runs_dir, help="folder searched recursively for runs")
+    parser.add_argument("--out", default=None, help="also write the markdown here")
+    parser.add_argument("--plot", default=None, help="bar chart PNG (default: <runs_dir>/report.png)")
+    parser.add_argument("--paper_csv", default=None, help=f"the paper's numbers (default: {paper_csv})")
+    return parser
+
+
+def write_markdown(text: str, out: str | Path | None) -> None:
+    """Print the report and, with ``out``, write it there too, saying where."""
+    print(text, end="")
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        print(f"wrote {out}")
+
+
+def report_command(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser) -> None:
+    """A report's ``__main__``: a missing folder, no runs or a bad paper table is one line, exit 1."""
+    try:
+        main(parser.parse_args())
+    except (FileNotFoundError, ValueError, RunError) as err:
+        sys.exit(f"error: {err}")
 
 
 def group_finished(records: Iterable[RunRecord]) -> list[list[RunRecord]]:
@@ -48,12 +124,11 @@ def summarize_metrics(runs: Sequence[RunRecord], metrics: Sequence[str]) -> dict
     return row
 
 
-def invalid_summary(record: RunRecord, required: Sequence[str]) -> str | None:
-    """Why a done.json cannot be reported (missing or non-finite values), or None."""
+def invalid_summary(record: RunRecord, required: Sequence[str], finite: Sequence[str] = ()) -> str | None:
+    """Why a done.json cannot be reported (a ``required`` key missing, a ``finite`` metric not a finite number),
+    or None."""
     bad = [key for key in required if key not in record.summary]
-    bad += [key for key in required if key in record.summary and key != "seed"
-            and key.endswith(("acc1", "acc5", "AP", "AP50", "AP75", "APs", "APm", "APl"))
-            and not finite_number(record.summary[key])]
+    bad += [key for key in finite if key not in bad and not finite_number(record.summary.get(key))]
     return f"done.json lacks or has no finite {', '.join(bad)}" if bad else None
 
 

@@ -284,6 +284,33 @@ class RunFolder:
         cache[sha256] = dict(entry)
         write_json_atomic(cache, self.teacher_eval_file)
 
+    def read_checkpoint(self, identity: Mapping, extendable: tuple[str, ...] = ("epochs",),
+                        resume: str | os.PathLike | None = None) -> dict | None:
+        """The training checkpoint to resume from (``resume``, else this folder's; None where there is none),
+        checked to be a training checkpoint of a run with this identity."""
+        from common.checkpoint import CheckpointError, load_checkpoint  # torch-dependent
+
+        path = Path(resume) if resume else (self.checkpoint if self.checkpoint.exists() else None)
+        if path is None:
+            return None
+        if not path.is_file():
+            raise RunError(f"--resume {path} does not exist; check the path, or leave --resume out to resume from "
+                           f"the run folder's own {CHECKPOINT_FILE}.")
+        checkpoint = load_checkpoint(path)
+        if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
+            raise RunError(f"--resume {path} holds weights only, not a training checkpoint: to evaluate it add "
+                           f"--eval; to continue training, resume from a run's {CHECKPOINT_FILE}.")
+        saved = checkpoint.get("identity")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path} records no run identity (an older version of this code wrote it), so it "
+                                  f"cannot be resumed safely. Pass another --output_dir, or delete it to start over.")
+        differences = identity_differences(saved, identity, ignore=extendable)
+        if differences:
+            lines = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
+            raise RunConflictError(f"{path} belongs to a run with other settings ({lines}): pass the settings it was "
+                                   f"trained with, or another --output_dir.")
+        return checkpoint
+
     def finish(self, summary: Mapping) -> None:
         write_json_atomic(dict(summary), self.done_file)
         self.record("finished")

@@ -8,22 +8,24 @@ The generic part (finding runs, grouping by identity, means, listing runs that a
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 from pathlib import Path
 from typing import Any
 
 from common.losses import METHODS
 from common.report import (
     group_finished,
-    invalid_summary,
     markdown_table,
     mean_std_text,
     other_runs_lines,
     plot_bars,
+    read_paper_csv,
+    read_task_runs,
+    report_command,
+    report_parser,
     summarize_metrics,
+    write_markdown,
 )
-from common.run import RunError, RunRecord, find_runs, folder_suffix
+from common.run import RunRecord, folder_suffix
 
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
 PAPER_COLUMNS = ("teacher", "student", "method", "top1", "top5", "source")
@@ -34,24 +36,7 @@ DONE_KEYS = ("student", "method", "seed", "last_acc1", "last_acc5", "best_acc1")
 
 def load_paper_results(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The rows of ``paper_results.csv`` (``#`` lines are provenance comments), top1 / top5 as floats."""
-    path = Path(path) if path is not None else PAPER_CSV
-    if not path.is_file():
-        raise FileNotFoundError(f"paper results {path} not found; pass --paper_csv, or restore "
-                                f"imagenet/paper_results.csv")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader([line for line in f if not line.startswith("#")])
-        missing = set(PAPER_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)}; the header must be {','.join(PAPER_COLUMNS)}")
-        rows = list(reader)
-    results = []
-    for row in rows:
-        try:
-            numbers = {key: float(row[key]) for key in ("top1", "top5")}
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: top1/top5 of row {row} is not a number; leave out empty cells") from None
-        results.append({**{key: row[key] for key in PAPER_COLUMNS}, **numbers})
-    return results
+    return read_paper_csv(path if path is not None else PAPER_CSV, PAPER_COLUMNS, ("top1", "top5"))
 
 
 def paper_reference(teacher: str | None, student: str, method: str,
@@ -170,31 +155,15 @@ def format_markdown(rows: list[dict], records: list[RunRecord]) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ImageNet runs beside the paper's Table 2")
-    parser.add_argument("runs_dir", nargs="?", default="output/imagenet",
-                        help="folder searched recursively for run folders")
-    parser.add_argument("--out", default=None, help="also write the markdown here")
-    parser.add_argument("--plot", default=None, help="bar chart PNG (default: <runs_dir>/report.png)")
-    parser.add_argument("--paper_csv", default=None, help=f"the paper's numbers (default: {PAPER_CSV})")
-    return parser
+    return report_parser("ImageNet runs beside the paper's Table 2", "output/imagenet", PAPER_CSV)
 
 
 def main(args: argparse.Namespace) -> str:
     results = load_paper_results(args.paper_csv)
-    records = find_runs(args.runs_dir)
-    if not records:
-        raise RunError(f"no runs found under {args.runs_dir}: a run folder (train.py's output_dir) holds args.json "
-                       f"(written at start), log.txt (one JSON line per epoch) and, once finished, done.json")
-    for record in records:
-        why = invalid_summary(record, DONE_KEYS) if record.state == "done" else None
-        if why:
-            record.state, record.detail = "corrupt", why
+    records = read_task_runs(args.runs_dir, "imagenet", DONE_KEYS, METRICS)
     rows = summarize(records, results)
     text = format_markdown(rows, records)
-    print(text, end="")
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-        print(f"wrote {args.out}")
+    write_markdown(text, args.out)
     plotted = [row for row in rows if row["last_acc1_mean"] is not None]
     if plotted:
         path = plot_bars([f"{pair_name(r)}  {row_label(r)}" for r in plotted], [r["last_acc1_mean"] for r in plotted],
@@ -207,9 +176,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    parser = get_args_parser()
-    cli_args = parser.parse_args()
-    try:
-        main(cli_args)
-    except (FileNotFoundError, ValueError, RunError) as err:
-        sys.exit(f"error: {err}")
+    report_command(main, get_args_parser())

@@ -11,10 +11,8 @@ Rerunning the same command resumes from output_dir/checkpoint.pth; a finished ru
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import dist
+from common.cli import UsageError, resolve_device, run_command
 from common.checkpoint import (
     CheckpointError,
-    load_checkpoint,
     load_zoo_weights,
     rng_state,
     save_atomic,
@@ -36,7 +34,7 @@ from common.evaluation import evaluate_classifier, state_dict_sha256
 from common.features import FeatureTaps
 from common.logging import MetricLogger, SmoothedValue, git_state
 from common.losses import FEATURE_FORMS, METHOD_SETTINGS, METHODS, build_distillation_loss
-from common.run import RunError, RunFolder, file_sha256, folder_suffix, identity_differences
+from common.run import RunError, RunFolder, file_sha256, folder_suffix
 from imagenet.data import DECODERS, DatasetLayoutError, build_loaders, check_layout, to_model_input, val_fingerprint
 from imagenet.models import MODELS, STAGES, build_model
 from imagenet.report import compare_with_paper, paper_reference
@@ -206,10 +204,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(ValueError):
-    """Flags that do not fit together; the message says which and what to pass instead."""
-
-
 class TeacherCheckError(RuntimeError):
     """--strict_teacher and the teacher's measured accuracy is below its published one."""
 
@@ -272,21 +266,6 @@ def select_stages(arch: str, spec: str) -> list[str]:
     except (ValueError, IndexError):
         raise UsageError(f"--fcka_stages {spec!r} does not fit {arch}, whose stages are {names} (indices "
                          f"0..{len(names) - 1}, or negative from the end); use 'all' or e.g. '-1'.") from None
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device torch knows; pass cpu or cuda.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this machine has no usable CUDA GPU; pass --device cpu, or run where a "
-                         f"GPU is visible.")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: this script trains on cpu or cuda only.")
-    return device
 
 
 def derive_config(args: argparse.Namespace, world_size: int, device_type: str = "cuda") -> dict:
@@ -398,7 +377,7 @@ def main(args: argparse.Namespace) -> dict:
             dist.print_main(f"--method ce trains {args.student} alone: the teacher {args.teacher} is not loaded.")
         identity = run_identity(args, cfg, teacher_sha256)
         decision = run.decide(identity, EXTENDABLE)
-        checkpoint = read_resume_checkpoint(args, run, identity) if decision.state != "finished" else None
+        checkpoint = run.read_checkpoint(identity, EXTENDABLE, args.resume) if decision.state != "finished" else None
         if checkpoint is not None and checkpoint["epoch"] + 1 > args.epochs:
             raise UsageError(f"{args.resume or run.checkpoint} has already trained {checkpoint['epoch'] + 1} epochs; "
                              f"--epochs {args.epochs} cannot undo that: pass --epochs {checkpoint['epoch'] + 1} or "
@@ -427,30 +406,6 @@ def main(args: argparse.Namespace) -> dict:
             raise
     finally:
         dist.cleanup()
-
-
-def read_resume_checkpoint(args: argparse.Namespace, run: RunFolder, identity: dict) -> dict | None:
-    """The training checkpoint to resume from (--resume, else the folder's), checked against this run's identity."""
-    path = Path(args.resume) if args.resume else (run.checkpoint if run.checkpoint.exists() else None)
-    if path is None:
-        return None
-    if not path.is_file():
-        raise UsageError(f"--resume {path} does not exist; check the path, or leave --resume out to resume from the "
-                         f"run folder's own {run.checkpoint.name}.")
-    checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
-        raise UsageError(f"--resume {path} holds weights only, not a training checkpoint: to evaluate it add --eval; "
-                         f"to continue training, resume from a run's {run.checkpoint.name}.")
-    saved = checkpoint.get("identity")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path} records no run identity; it cannot be resumed safely. Pass another "
-                              f"--output_dir, or delete it to start over.")
-    differences = identity_differences(saved, identity, ignore=EXTENDABLE)
-    if differences:
-        lines = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
-        raise CheckpointError(f"{path} belongs to a run with other settings ({lines}): pass the settings it was "
-                              f"trained with, or another --output_dir.")
-    return checkpoint
 
 
 def make_loaders(args, cfg, info, classes, val_batch_size=None):
@@ -661,19 +616,7 @@ USER_ERRORS = (DatasetLayoutError, TeacherNotFoundError, TeacherCheckError, Chec
 
 
 def cli(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the run stopped; rerun the same command to resume from its last checkpoint "
-                 "(saved after every epoch).")
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            raise
-        sys.exit(f"error: cannot write {err.filename or 'a run file'}: {err.strerror}. Files written before are "
-                 f"intact; free space or fix the permissions, then rerun the same command to resume.")
+    run_command(main, get_args_parser().parse_args(argv), USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def test_missing_runs_dir_error_names_the_path(tmp_path):
 
 def test_no_runs_error_says_what_a_run_folder_looks_like(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    with pytest.raises(RunError, match="no runs found.*args.json.*log.txt.*done.json"):
+    with pytest.raises(RunError, match="no cifar100 runs found.*args.json.*log.txt.*done.json"):
         main(get_args_parser().parse_args([str(tmp_path / "empty")]))
 
 
@@ -309,4 +309,13 @@ def test_cli_errors_name_the_missing_dir_and_the_empty_one(tmp_path):
     assert missing.returncode == 1 and str(tmp_path / "nope") in missing.stderr and "Traceback" not in missing.stderr
     empty = subprocess.run([sys.executable, "cifar100/report.py", str(tmp_path)], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
-    assert empty.returncode == 1 and "no runs found" in empty.stderr
+    assert empty.returncode == 1 and "no cifar100 runs found" in empty.stderr
+
+
+def test_runs_of_another_task_under_the_same_folder_are_left_out(runs_dir):
+    other = write_run(runs_dir / "imagenet_run", {**identity_of("resnet110", "resnet20", "kd", 0), "task": "imagenet"},
+                      [1.0], 99.0, 99.0)
+    records = find_runs(runs_dir)
+    assert other in [r.path for r in records]
+    text = main(get_args_parser().parse_args([str(runs_dir)]))
+    assert "imagenet_run" not in text and "99.00" not in text

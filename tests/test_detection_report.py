@@ -99,7 +99,7 @@ def test_progress_reads_the_last_iteration_of_detectron2s_metrics(tmp_path):
 
 
 def test_a_root_without_detection_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(RunError, match="no detection runs found"):
+    with pytest.raises(RunError, match="no coco_detection runs found"):
         run_report(tmp_path)
 
 
