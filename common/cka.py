@@ -49,6 +49,7 @@ __all__ = [
     "center_gram",
     "hsic",
     "cka",
+    "cka_and_gradient",
     "linear_cka",
 ]
 
@@ -281,6 +282,32 @@ def cka(k: Tensor, l: Tensor, centered: bool = True, unbiased: bool = False) -> 
         return _normalised_inner(
             (k * l).sum(dim=(-2, -1)), (k * k).sum(dim=(-2, -1)), (l * l).sum(dim=(-2, -1))
         )
+
+
+def cka_and_gradient(k: Tensor, l: Tensor, centered: bool = True) -> tuple[Tensor, Tensor]:
+    """``cka(k, l, centered)`` and its gradient with respect to k, in closed form and without a graph.
+
+    For hand-written backward passes that go through many small Grams at once (PCKA's fused op in
+    ``common.patches``). With K~ = HKH (or K), c = <K~, L~> / (|K~| |L~|):
+    ``dc/dK = H (L~ / (|K~| |L~|) - c K~ / |K~|^2) H``, computed after the same rescaling as
+    ``cka`` (so it cannot overflow) and exactly 0 where ``cka`` is 0 for a zero side.
+    """
+    _check_pair(k, l)
+    k, l = _promote(k), _promote(l)
+    with torch.no_grad(), _no_autocast(k):
+        if centered:
+            k, l = center_gram(k), center_gram(l)
+        scale_k = k.abs().amax(dim=(-2, -1), keepdim=True)
+        scale_k = torch.where(scale_k > 0, scale_k, torch.ones_like(scale_k))
+        k, l = k / scale_k, _rescale(l)
+        kk, ll, kl = (k * k).sum(dim=(-2, -1)), (l * l).sum(dim=(-2, -1)), (k * l).sum(dim=(-2, -1))
+        value = _normalised_inner(kl, kk, ll)
+        rk, rl = torch.rsqrt(kk.clamp_min(EPS)), torch.rsqrt(ll.clamp_min(EPS))
+        grad = (l * (rk * rl)[..., None, None] - k * (value * rk * rk)[..., None, None]) / scale_k
+        grad = torch.where(((kk < EPS) | (ll < EPS))[..., None, None], torch.zeros_like(grad), grad)
+        if centered:
+            grad = center_gram(grad)
+    return value, grad
 
 
 def linear_cka(x: Tensor, y: Tensor, centered: bool = True) -> Tensor:

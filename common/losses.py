@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.cka import _promote, linear_cka
-from common.patches import patchify
+from common.patches import patch_cka, patch_grid, patchify
 
 __all__ = ["METHODS", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKDLoss", "build_distillation_loss"]
 
@@ -162,8 +162,9 @@ class PCKALoss(DistillationLoss):
     For every level, both maps are cut into p x p patches (``common.patches.patchify``) and for each
     channel c the patch x patch Gram matrices of ``X_c`` (patches, B*p*p) are compared:
     ``intra = mean_c (1 - CKA(X_c^s, X_c^t))``. The optional inter term does the same on the
-    transposed matrices (Gram over the B*p*p pixel positions). Levels are summed; channels of a
-    level go through one batched matmul. The paper's weight for the intra term is 10; the
+    transposed matrices (Gram over the B*p*p pixel positions). Levels are summed; the intra term
+    of a level is one fused operation over all its channels (``common.patches.patch_cka``, near
+    the cost of its Gram matmuls). The paper's weight for the intra term is 10; the
     detection configs pass the first four FPN levels, as the released code does.
     """
 
@@ -200,22 +201,25 @@ class PCKALoss(DistillationLoss):
                     f"{tuple(ft.shape[:2])}; PCKA pairs channels one to one, so both need the same "
                     "batch and channel count (FPN levels usually have 256)."
                 )
-            xs, xt = patchify(fs, self.patch_size), patchify(ft.detach(), self.patch_size)
-            if xs.shape != xt.shape:
+            grid_s = patch_grid(*fs.shape[-2:], self.patch_size)
+            grid_t = patch_grid(*ft.shape[-2:], self.patch_size)
+            if grid_s != grid_t:
                 raise ValueError(
                     f"level {name}: student map {tuple(fs.shape[-2:])} and teacher map {tuple(ft.shape[-2:])} "
-                    f"give different patch grids ({xs.shape[1]} vs {xt.shape[1]} patches of "
+                    f"give different patch grids ({grid_s[0]}x{grid_s[1]} vs {grid_t[0]}x{grid_t[1]} patches of "
                     f"{self.patch_size}x{self.patch_size}); pair levels of the same stride."
                 )
-            if xs.shape[1] < 2 and self.centered:
-                raise ValueError(
-                    f"level {name}: a {tuple(fs.shape[-2:])} map gives {xs.shape[1]} patch of "
-                    f"{self.patch_size}x{self.patch_size}; centred CKA needs at least 2. Leave this level "
-                    "out or use a smaller --patch_size."
-                )
             if self.intra_weight > 0:
-                intra.append((1 - linear_cka(xs, xt, centered=self.centered)).mean())
+                if grid_s[0] * grid_s[1] < 2:
+                    # Centred or not: a single patch has a 1 x 1 Gram, whose CKA says nothing.
+                    raise ValueError(
+                        f"level {name}: a {tuple(fs.shape[-2:])} map gives {grid_s[0] * grid_s[1]} patch of "
+                        f"{self.patch_size}x{self.patch_size}; the intra term compares patch x patch Grams "
+                        "and needs at least 2 patches. Leave this level out or use a smaller --patch_size."
+                    )
+                intra.append((1 - patch_cka(fs, ft, self.patch_size, centered=self.centered)).mean())
             if self.inter_weight > 0:
+                xs, xt = patchify(fs, self.patch_size), patchify(ft.detach(), self.patch_size)
                 inter.append(
                     (1 - linear_cka(xs.transpose(1, 2), xt.transpose(1, 2), centered=self.centered)).mean()
                 )
