@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.cka import _promote, linear_cka
+from common.dist import all_gather_with_grad, gather_sizes
 from common.patches import patch_cka, patch_grid, patchify
 
 __all__ = ["METHODS", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKDLoss", "build_distillation_loss"]
@@ -103,6 +104,33 @@ def _paired_levels(feats_s, feats_t) -> list[tuple[str, Tensor, Tensor]]:
     return [(str(i), a, b) for i, (a, b) in enumerate(zip(s, t))]
 
 
+def _global_batch(logits_s, logits_t, feats_s, feats_t):
+    """Every process's samples, concatenated in rank order (see ``RCKALoss``'s ``cka_batch``)."""
+    tensors = [t for t in (logits_s, logits_t, *_as_list(feats_s), *_as_list(feats_t)) if t is not None]
+    if not tensors:
+        return logits_s, logits_t, feats_s, feats_t
+    if len({t.shape[0] for t in tensors}) > 1:
+        raise ValueError(
+            f"cka_batch='global' gathers whole batches, but the inputs hold different numbers of samples: "
+            f"{sorted({t.shape[0] for t in tensors})}; pass student and teacher outputs of the same batch."
+        )
+    sizes = gather_sizes(tensors[0].shape[0])  # one exchange for all the tensors of this batch
+
+    def gather(value, student: bool):
+        if value is None:
+            return None
+        if isinstance(value, Mapping):
+            return {key: gather(v, student) for key, v in value.items()}
+        if not isinstance(value, Tensor):
+            return [gather(v, student) for v in value]
+        if student:
+            # Every process computes the same loss from the gathered tensors.
+            return all_gather_with_grad(value, sizes, same_loss_everywhere=True)
+        return all_gather_with_grad(value.detach(), sizes)
+
+    return gather(logits_s, True), gather(logits_t, False), gather(feats_s, True), gather(feats_t, False)
+
+
 class RCKALoss(DistillationLoss):
     """RCKA = w_f * sum_stages (1 - CKA(F_s, F_t)) + w_intra (1 - CKA(Z_s, Z_t)) + w_inter (1 - CKA(Z_s^T, Z_t^T)).
 
@@ -110,6 +138,16 @@ class RCKALoss(DistillationLoss):
     adapter (the Gram matrices are batch x batch); Z are logits (batch, classes). A term whose
     weight is 0 is skipped, so FCKA only (``intra_weight=inter_weight=0``) and LCKA only
     (``feature_weight=0``), the paper's FCKA and LCKA rows, are this same class.
+
+    ``cka_batch`` says over which samples the batch x batch (and class x class) Grams are built under
+    several processes. "local" (default): each process's own batch, as the released code does per
+    process, so 8 GPUs x 64 images give the mean of eight batch-64 CKAs. "global": every process first
+    gathers all processes' logits and features (``common.dist.all_gather_with_grad``; teacher side
+    without graph), so the loss is that of one process with the whole batch of 512, and so are the
+    gradients after DDP's averaging. Its cost, per step and process: an all_gather of the student's and
+    the teacher's logits and tapped features (world_size times their size, held until backward), no
+    communication in backward (each process computes the same loss), and Grams over world_size times the
+    samples: world_size^2 times the Gram FLOPs of "local". Without a process group both are the same.
     """
 
     def __init__(
@@ -118,11 +156,15 @@ class RCKALoss(DistillationLoss):
         intra_weight: float = 15.0,
         inter_weight: float = 15.0,
         centered: bool = True,
+        cka_batch: str = "local",
     ) -> None:
         super().__init__()
         for name, value in (("feature_weight", feature_weight), ("intra_weight", intra_weight), ("inter_weight", inter_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
+        if cka_batch not in ("local", "global"):
+            raise ValueError(f"cka_batch must be 'local' or 'global', got {cka_batch!r}.")
+        self.cka_batch = cka_batch
         self.feature_weight = feature_weight
         self.intra_weight = intra_weight
         self.inter_weight = inter_weight
@@ -133,6 +175,13 @@ class RCKALoss(DistillationLoss):
         return self.feature_weight > 0
 
     def terms(self, *, logits_s=None, logits_t=None, feats_s=None, feats_t=None, targets=None, epoch=0):
+        if self.cka_batch == "global":
+            # Only what a term with a non-zero weight reads is gathered.
+            use_logits, use_feats = self.intra_weight > 0 or self.inter_weight > 0, self.feature_weight > 0
+            logits_s, logits_t, feats_s, feats_t = _global_batch(
+                logits_s if use_logits else None, logits_t if use_logits else None,
+                feats_s if use_feats else None, feats_t if use_feats else None,
+            )
         terms: dict[str, Tensor] = {}
         if self.feature_weight > 0:
             pairs = _paired_levels(feats_s, feats_t)
@@ -312,8 +361,10 @@ class DKDLoss(DistillationLoss):
 def build_distillation_loss(method: str, settings) -> DistillationLoss | None:
     """The loss of a classification method (``METHODS``) from resolved settings (an argparse.Namespace or a
     dict with the tasks' shared flag names: kd_temperature, kd_weight, dkd_alpha, dkd_beta, dkd_temperature,
-    dkd_warmup, fcka_weight, lcka_intra_weight, lcka_inter_weight, cka_centered). None for ``ce``."""
+    dkd_warmup, fcka_weight, lcka_intra_weight, lcka_inter_weight, cka_centered; cka_batch, "local" where a
+    task has no such flag). None for ``ce``."""
     get = settings.get if isinstance(settings, Mapping) else lambda key: getattr(settings, key)
+    cka_batch = settings.get("cka_batch", "local") if isinstance(settings, Mapping) else getattr(settings, "cka_batch", "local")
     if method == "ce":
         return None
     if method == "kd":
@@ -326,5 +377,6 @@ def build_distillation_loss(method: str, settings) -> DistillationLoss | None:
             intra_weight=get("lcka_intra_weight") if method in ("lcka", "rcka") else 0.0,
             inter_weight=get("lcka_inter_weight") if method in ("lcka", "rcka") else 0.0,
             centered=get("cka_centered"),
+            cka_batch=cka_batch,
         )
     raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
