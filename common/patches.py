@@ -67,11 +67,13 @@ def patchify(feat: Tensor, patch_size: int = 16) -> Tensor:
 
 
 def _patch_rows(feat: Tensor, patch_size: int, centered: bool) -> Tensor:
-    """``patchify`` of a float32 map into a fresh contiguous buffer, its columns centred over the patches if asked.
+    """``patchify`` of a float32 map into a fresh contiguous buffer; with ``centered``, minus its first patch.
 
-    Centring as ``common.cka.center_columns`` does it (subtract the first patch, then the mean:
-    accurate for offset maps, exact zeros for a constant channel), with the first subtraction
-    writing the rearranged copy, so centring adds one pass over the buffer, not three.
+    Subtracting one patch (a row of X) from all of them removes any offset exactly, so a constant
+    channel gives exact zeros and the Gram is formed from numbers of the data's own spread; the
+    Gram is then centred (``cka_and_gradient``), which finishes the centring at O(n^2). That costs
+    eps * (|x_0 - mean| / spread)^2 of precision, the same as zero-mean data, and no pass over the
+    rows beyond the rearranging copy it is fused into (a full column centring would add two).
     """
     b, c, h, w = feat.shape
     size = _resized_size(h, w, patch_size)
@@ -81,10 +83,10 @@ def _patch_rows(feat: Tensor, patch_size: int, centered: bool) -> Tensor:
     blocks = feat.view(b, c, gh, patch_size, gw, patch_size).permute(1, 2, 4, 0, 3, 5)
     rows = feat.new_empty(blocks.shape)
     if centered:
-        torch.sub(blocks, blocks[:, :1, :1].clone(), out=rows)
-        rows = rows.view(c, gh * gw, b * patch_size * patch_size)
-        return rows.sub_(rows.mean(dim=1, keepdim=True))
-    return rows.copy_(blocks).view(c, gh * gw, b * patch_size * patch_size)
+        torch.sub(blocks, blocks[:, :1, :1], out=rows)
+    else:
+        rows.copy_(blocks)
+    return rows.view(c, gh * gw, b * patch_size * patch_size)
 
 
 def _channel_chunks(feat: Tensor, patch_size: int) -> list[slice]:
@@ -103,44 +105,46 @@ class _PatchCKA(torch.autograd.Function):
     def forward(ctx, feat_s: Tensor, feat_t: Tensor, patch_size: int, centered: bool) -> Tensor:
         fs, ft = _promote(feat_s), _promote(feat_t)
         chunks = _channel_chunks(fs, patch_size)
-        values, saved = [], []
+        b, c, h, w = fs.shape
+        n = math.prod(patch_grid(h, w, patch_size))
+        values, grad_grams, gram_t = fs.new_empty(c), fs.new_empty(c, n, n), fs.new_empty(c, n, n)
+        rows_s = []
         with _no_autocast(fs):
             for chunk in chunks:
                 xs = _patch_rows(fs[:, chunk], patch_size, centered)
                 xt = _patch_rows(ft[:, chunk], patch_size, centered)
-                # The rows are centred already; cka_and_gradient centres the Grams once more, which
-                # only removes the rounding left in the means (O(n^2), small).
-                value, grad_gram = cka_and_gradient(xs @ xs.transpose(1, 2), xt @ xt.transpose(1, 2), centered)
-                values.append(value)
-                saved += [xs, grad_gram]
+                gram_s = torch.bmm(xs, xs.transpose(1, 2), out=grad_grams[chunk])  # overwritten just below
+                torch.bmm(xt, xt.transpose(1, 2), out=gram_t[chunk])
+                # Per chunk, while the chunk's Grams are in cache; it centres them (see _patch_rows).
+                values[chunk], grad_grams[chunk] = cka_and_gradient(gram_s, gram_t[chunk], centered)
+                rows_s.append(xs)
         ctx.patch_size, ctx.chunks, ctx.in_shape, ctx.in_dtype = patch_size, chunks, fs.shape, feat_s.dtype
-        ctx.save_for_backward(*saved)
-        return torch.cat(values)
+        ctx.save_for_backward(grad_grams, *rows_s)
+        return values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        saved = ctx.saved_tensors
-        p, (b, _, h, w) = ctx.patch_size, ctx.in_shape
+        grad_grams, *rows_s = ctx.saved_tensors
+        p, (b, c, h, w) = ctx.patch_size, ctx.in_shape
         size = _resized_size(h, w, p)
         gh, gw = size[0] // p, size[1] // p
-        grad_fs = saved[0].new_empty(ctx.in_shape)
-        for chunk, xs, grad_gram in zip(ctx.chunks, saved[0::2], saved[1::2]):
-            c = xs.shape[0]
-            # K = X X^T gives dX = (G + G^T) X = 2 G X (G symmetric). Centring X (X = H X_raw)
-            # needs no step of its own: G = H G H already, so H (2 G X) = 2 G X.
-            scale = 2 * grad_values[chunk].to(grad_gram.dtype)[:, None, None]
-            blocks = ((grad_gram * scale) @ xs).view(c, gh, gw, b, p, p)
+        # K = R R^T gives dR = (G + G^T) R = 2 G R (G symmetric). When centred, R = X - 1 x_0^T and
+        # K is centred as H K H, so G = H G H and dX = (I - e_0 1^T) 2 G R = 2 G R: no step of its own.
+        grad_grams = grad_grams * (2 * grad_values.to(grad_grams.dtype))[:, None, None]
+        grad_fs = grad_grams.new_empty(ctx.in_shape)
+        for chunk, xs in zip(ctx.chunks, rows_s):
+            blocks = torch.bmm(grad_grams[chunk], xs).view(xs.shape[0], gh, gw, b, p, p)
             if size == (h, w):
-                grad_fs[:, chunk].view(b, c, gh, p, gw, p).copy_(blocks.permute(3, 0, 1, 4, 2, 5))
+                grad_fs[:, chunk].view(b, -1, gh, p, gw, p).copy_(blocks.permute(3, 0, 1, 4, 2, 5))
                 continue
-            # The resize's backward is ~8x faster on a channels-last gradient (CPU), and writing the
-            # patches out in that layout costs no more than in NCHW.
-            grad_map = blocks.permute(3, 1, 4, 2, 5, 0).reshape(b, *size, c).permute(0, 3, 1, 2)
+            # The resize's backward is several times faster on a channels-last gradient (CPU), and
+            # writing the patches out in that layout costs about as much as in NCHW.
+            grad_map = blocks.permute(3, 1, 4, 2, 5, 0).reshape(b, *size, xs.shape[0]).permute(0, 3, 1, 2)
             grad_fs[:, chunk] = torch.ops.aten.upsample_bilinear2d_backward(
-                grad_map, list(size), [b, c, h, w], False, None, None
+                grad_map, list(size), [b, xs.shape[0], h, w], False, None, None
             )
         return grad_fs.to(ctx.in_dtype), None, None, None
 
@@ -157,10 +161,11 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
     separate autograd ops over a whole FPN level, each pass allocates a new level-sized buffer,
     and on CPU those are mmap-ed and page-faulted afresh; together they cost several times the
     matmuls. Here each chunk of channels goes resize -> (copy + centre) -> Gram while it sits in
-    cache, the CKA's gradient with respect to each Gram is formed in closed form in forward
-    (``cka_and_gradient``, O(n^2) per channel), and backward is the one matmul ``2 G X`` per chunk
-    followed by the resize's backward. Memory: the student's patch rows are kept from forward to
-    backward, as autograd would keep them.
+    cache, the CKA and its gradient with respect to each Gram are formed in closed form in forward
+    (``cka_and_gradient``, O(n^2) per channel, on the chunk's Grams while they are in cache), and
+    backward is the one matmul ``2 G X`` per chunk followed by the resize's backward on a
+    channels-last gradient. Memory: the student's patch rows are kept from forward to backward, as
+    autograd would keep them; nothing level-sized is allocated besides them and the input gradient.
     """
     _check(feat_s, patch_size)
     _check(feat_t, patch_size)

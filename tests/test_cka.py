@@ -364,3 +364,19 @@ def test_mismatched_shapes_are_clear_errors():
         linear_cka(torch.randn(5), torch.randn(5))
     with pytest.raises(ValueError, match="n >= 4"):
         hsic(torch.eye(3), torch.eye(3), unbiased=True)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_cka_and_gradient_equals_cka_and_its_autograd_gradient(rng, centered):
+    from common.cka import cka_and_gradient
+
+    x, y = t64(rng.normal(size=(3, 9, 5)) + 2.0), t64(rng.normal(size=(3, 9, 4)))
+    k, l = gram_linear(x).requires_grad_(), gram_linear(y)
+    value = cka(k, l, centered=centered)
+    (grad,) = torch.autograd.grad(value.sum(), k)
+    got_value, got_grad = cka_and_gradient(k.detach(), l, centered)
+    torch.testing.assert_close(got_value, value.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got_grad, grad, rtol=1e-10, atol=1e-14)
+    # A zero side: value 0 and gradient exactly 0, as cka.
+    zero_value, zero_grad = cka_and_gradient(torch.zeros_like(k.detach()), l, centered)
+    assert torch.equal(zero_value, torch.zeros(3, dtype=torch.float64)) and torch.equal(zero_grad, torch.zeros_like(zero_grad))

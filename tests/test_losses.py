@@ -98,6 +98,9 @@ def test_pcka_errors_name_the_level_and_the_fix():
         loss(feats_s=[torch.randn(2, 8, 64, 64)], feats_t=[torch.randn(2, 8, 32, 32)])
     with pytest.raises(ValueError, match="at least 2"):
         loss(feats_s=[torch.randn(2, 8, 7, 10)], feats_t=[torch.randn(2, 8, 7, 10)])
+    for centered in (True, False):  # uncentred too: the message names patches and the level
+        with pytest.raises(ValueError, match=r"level 0: a \(7, 10\) map gives 1 patch of 16x16.*at least 2 patches"):
+            PCKALoss(patch_size=16, centered=centered)(feats_s=[torch.randn(2, 8, 7, 10)], feats_t=[torch.randn(2, 8, 7, 10)])
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         loss(feats_s=[torch.randn(2, 8, 32)], feats_t=[torch.randn(2, 8, 32)])
     with pytest.raises(ValueError, match="2 student and 1 teacher"):
