@@ -17,15 +17,14 @@
    that materialises the n x n centring matrix H and always uses the Gram form.
 
 Peak memory: bytes one forward+backward needs beyond the inputs. CUDA: the caching allocator's
-counter. CPU: growth of the peak resident set over one step, in a fresh process per variant
-(Linux; n/a elsewhere). No profiler runs, so nothing but the results is printed.
+counter. CPU: growth of the resident set's high-water mark over one step, in a fresh process per
+variant (Linux; n/a elsewhere). No profiler runs, so nothing but the results is printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -168,17 +167,18 @@ def time_against_bound(variants, device, repeats):
     return {name: statistics.median(t) for name, t in times.items()}, ratios, pcka_matmul_flops(levels)
 
 
-def _resident_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field):
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # reported in kB
 
 
 def peak_memory(variant, device, threads):
     """Peak bytes allocated by one forward+backward, over what the inputs already hold.
 
-    CUDA: the caching allocator's own counter. CPU: a fresh process, so that the high-water mark of
-    its resident set is this variant's alone, reports how far one step raised it above the resident
-    set once the inputs were made (``_peak_child``).
+    CUDA: the caching allocator's own counter. CPU: a fresh process (nothing freed earlier is still
+    resident) makes the inputs, resets its resident set's high-water mark and reports how far one
+    step raised it (``_peak_child``; Linux).
     """
     if device.type == "cuda":
         inputs = make_inputs(VARIANTS[variant][0], device)
@@ -200,10 +200,11 @@ def peak_memory(variant, device, threads):
 
 def _peak_child(variant):
     inputs = make_inputs(VARIANTS[variant][0], torch.device("cpu"))
-    base = _resident_bytes()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the resident set's high-water mark (VmHWM), here to the inputs' level
+    base = _status_bytes("VmRSS")
     step(variant, inputs)
-    # ru_maxrss is in KiB on Linux; the inputs were resident before the step began.
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    print(_status_bytes("VmHWM") - base)
 
 
 def main():

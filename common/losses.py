@@ -212,8 +212,8 @@ class PCKALoss(DistillationLoss):
     channel c the patch x patch Gram matrices of ``X_c`` (patches, B*p*p) are compared:
     ``intra = mean_c (1 - CKA(X_c^s, X_c^t))``. The optional inter term does the same on the
     transposed matrices (Gram over the B*p*p pixel positions). Levels are summed; the intra term
-    of a level is one fused operation over all its channels (``common.patches.patch_cka``, near
-    the cost of its Gram matmuls). The paper's weight for the intra term is 10; the
+    of a level is one fused operation over all its channels (``common.patches.patch_cka``: resize,
+    copies, Grams and CKA per chunk of channels, with a hand-written backward). The paper's weight for the intra term is 10; the
     detection configs pass the first four FPN levels, as the released code does.
     """
 
