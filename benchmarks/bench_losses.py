@@ -3,26 +3,40 @@
     python benchmarks/bench_losses.py            # CPU (or --device cuda)
 
 1. PCKA forward+backward on RetinaNet-sized FPN levels (batch 2, 256 channels, P3-P6 of an
-   800x1216 input) vs a per-channel Python loop of the same maths (the paper's released code
-   loops over channels like this). Target: batched >= 20x faster on CPU, same value to 1e-5.
+   800x1216 input), centred and uncentred, against
+   * its matmul bound: the same run's time for the Gram matmuls alone on contiguous patch
+     matrices of the same shapes (teacher and student Grams plus the student's backward matmul,
+     ``torch.bmm``; FLOPs printed). PCKA / bound is what the rest costs: resize, rearranging
+     copies, centring, the resize's backward. Target: <= 2x.
+   * a per-channel Python loop of the same maths (the paper's released code loops over channels
+     like this). Target: batched >= 20x faster on CPU, same value to 1e-5.
+   PCKA and its bound are timed in alternating rounds and the ratio is the median of the rounds'
+   ratios, so that load from other processes hits both alike.
 2. RCKA forward+backward on resnet32x4 -> resnet8x4 stage features and logits at batch 64 vs
    the KD loss on the same logits (what an RCKA step adds over a KD step) and vs a naive RCKA
    that materialises the n x n centring matrix H and always uses the Gram form (compared with the
    centred figure form of ``RCKALoss``); the default (authors') form is timed against KD as well.
 
-Peak memory: bytes allocated by one forward+backward beyond the inputs (see ``peak_memory``).
+Peak memory: bytes one forward+backward needs beyond the inputs. CUDA: the caching allocator's
+counter. CPU: growth of the resident set's high-water mark over one step, in a fresh process per
+variant (Linux; n/a elsewhere). No profiler runs, so nothing but the results is printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from common.losses import KDLoss, PCKALoss, RCKALoss
+from common.patches import patchify
 
 FPN_SIZES = [(100, 152), (50, 76), (25, 38), (13, 19)]  # P3-P6 of 800x1216
 STAGES_32X4 = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]  # resnet32x4 and resnet8x4 stages after the stem
@@ -78,9 +92,31 @@ def make_inputs(case, device):
     return [a.to(device).requires_grad_() for a in s], [a.to(device) for a in t], zs.to(device).requires_grad_(), zt.to(device)
 
 
+def pcka_matmul_inputs(feats_s, feats_t, patch_size=16):
+    """Contiguous patch matrices (C, patches, B*p*p) per level, and the n x n matrices backward multiplies by."""
+    levels = []
+    for fs, ft in zip(feats_s, feats_t):
+        xs, xt = patchify(fs.detach(), patch_size).contiguous(), patchify(ft, patch_size).contiguous()
+        levels.append((xs, xt, torch.randn(xs.shape[0], xs.shape[1], xs.shape[1], device=xs.device)))
+    return levels
+
+
+def pcka_matmuls(levels):
+    """PCKA's irreducible work: K = Xs Xs^T, L = Xt Xt^T, and the student's backward G Xs, per level."""
+    for xs, xt, g in levels:
+        torch.bmm(xs, xs.transpose(1, 2))
+        torch.bmm(xt, xt.transpose(1, 2))
+        torch.bmm(g, xs)
+
+
+def pcka_matmul_flops(levels):
+    return sum(2 * xs.shape[0] * xs.shape[1] * xs.shape[1] * xs.shape[2] * 3 for xs, _, _ in levels)
+
+
 VARIANTS = {
     # Centred, as the naive baselines are, so that their values can be compared.
     "pcka_batched": ("pcka", lambda s, t: PCKALoss(centered=True)(feats_s=s, feats_t=t)),
+    "pcka_uncentred": ("pcka", lambda s, t: PCKALoss(centered=False)(feats_s=s, feats_t=t)),
     "pcka_loop": ("pcka", pcka_loop),
     "rcka": ("rcka", lambda s, t, zs, zt: RCKALoss(centered=True, logit_row_norm=False, feature_form="gram")(
         feats_s=s, feats_t=t, logits_s=zs, logits_t=zt)),
@@ -92,6 +128,9 @@ VARIANTS = {
 
 
 def step(variant, inputs):
+    for item in inputs:  # as zero_grad(set_to_none=True) before a training step
+        for tensor in item if isinstance(item, list) else [item]:
+            tensor.grad = None
     value = VARIANTS[variant][1](*inputs)
     value.backward()
     return value.detach()
@@ -102,62 +141,109 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def time_variant(variant, device, repeats):
     inputs = make_inputs(VARIANTS[variant][0], device)
     step(variant, inputs)  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step(variant, inputs)
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = [timed(lambda: step(variant, inputs), device) for _ in range(repeats)]
     return statistics.median(times), step(variant, inputs).item()
 
 
-def peak_memory(variant, device):
+def time_against_bound(variants, device, repeats):
+    """PCKA variants and their matmul bound in alternating rounds; per-round ratios to the bound."""
+    inputs = make_inputs("pcka", device)
+    levels = pcka_matmul_inputs(*inputs)
+    pcka_matmuls(levels)
+    for variant in variants:
+        step(variant, inputs)  # warm-up
+    times = {name: [] for name in (*variants, "matmuls")}
+    for _ in range(repeats):
+        times["matmuls"].append(timed(lambda: pcka_matmuls(levels), device))
+        for variant in variants:
+            times[variant].append(timed(lambda: step(variant, inputs), device))
+    ratios = {v: statistics.median(a / b for a, b in zip(times[v], times["matmuls"])) for v in variants}
+    return {name: statistics.median(t) for name, t in times.items()}, ratios, pcka_matmul_flops(levels)
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # reported in kB
+
+
+def peak_memory(variant, device, threads):
     """Peak bytes allocated by one forward+backward, over what the inputs already hold.
 
-    CUDA: the caching allocator's own counter. CPU: torch's profiler memory timeline (a private
-    API; if a torch release drops it we report None rather than a made-up number).
+    CUDA: the caching allocator's own counter. CPU: a fresh process (nothing freed earlier is still
+    resident) makes the inputs, resets its resident set's high-water mark and reports how far one
+    step raised it (``_peak_child``; Linux).
     """
-    inputs = make_inputs(VARIANTS[variant][0], device)
     if device.type == "cuda":
+        inputs = make_inputs(VARIANTS[variant][0], device)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step(variant, inputs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    try:
-        from torch.profiler._memory_profiler import MemoryProfileTimeline
-    except ImportError:
+    if not sys.platform.startswith("linux"):
         return None
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step(variant, inputs)
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
-    return max(sum(row) for row in sizes) if sizes else None
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run(
+        [sys.executable, __file__, "--peak_child", variant, "--threads", str(threads)],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    return int(child.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(variant):
+    inputs = make_inputs(VARIANTS[variant][0], torch.device("cpu"))
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the resident set's high-water mark (VmHWM), here to the inputs' level
+    base = _status_bytes("VmRSS")
+    step(variant, inputs)
+    print(_status_bytes("VmHWM") - base)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per variant (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--peak_child", default=None, help=argparse.SUPPRESS)  # internal: CPU peak memory
     args = parser.parse_args()
-    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak_child:
+        _peak_child(args.peak_child)
+        return
+    device = torch.device(args.device)
 
     results = {}
+    pcka_variants = ("pcka_batched", "pcka_uncentred")
+    seconds, bound_ratio, flops = time_against_bound(pcka_variants, device, args.repeats)
     for variant in VARIANTS:
-        repeats = 1 if variant == "pcka_loop" and device.type == "cpu" else args.repeats
-        seconds, value = time_variant(variant, device, repeats)
-        results[variant] = {"seconds": seconds, "value": value, "peak_bytes": peak_memory(variant, device)}
+        if variant in pcka_variants:
+            value = step(variant, make_inputs("pcka", device)).item()
+            results[variant] = {"seconds": seconds[variant], "value": value, "matmul_ratio": bound_ratio[variant]}
+        else:
+            repeats = 1 if variant == "pcka_loop" and device.type == "cpu" else args.repeats
+            time_s, value = time_variant(variant, device, repeats)
+            results[variant] = {"seconds": time_s, "value": value}
+        results[variant]["peak_bytes"] = peak_memory(variant, device, torch.get_num_threads())
         peak = results[variant]["peak_bytes"]
         peak_text = f"{peak / 2**20:8.1f} MiB" if peak is not None else "     n/a"
-        print(f"{variant:>14}: {seconds * 1e3:9.2f} ms  value {value:.6f}  peak {peak_text}")
+        print(f"{variant:>14}: {results[variant]['seconds'] * 1e3:9.2f} ms  value {value:.6f}  peak {peak_text}")
+    results["pcka_matmuls"] = {"seconds": seconds["matmuls"], "flops": flops}
+    print(f"{'pcka_matmuls':>14}: {seconds['matmuls'] * 1e3:9.2f} ms  ({flops / 1e9:.2f} GFLOP: teacher and student "
+          f"Grams + student backward, torch.bmm, {flops / seconds['matmuls'] / 1e9:.1f} GFLOP/s)")
 
     def ratio(a, b, key):
         if results[a][key] is None or results[b][key] is None:
@@ -167,6 +253,8 @@ def main():
     pcka_gap = abs(results["pcka_batched"]["value"] - results["pcka_loop"]["value"])
     print()
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"PCKA  batched / its Gram matmuls alone: {bound_ratio['pcka_batched']:5.2f}x centred, "
+          f"{bound_ratio['pcka_uncentred']:5.2f}x uncentred (median of {args.repeats} alternating rounds; target <= 2x)")
     print(f"PCKA  batched vs per-channel loop: {ratio('pcka_loop', 'pcka_batched', 'seconds'):6.1f}x faster, "
           f"{ratio('pcka_loop', 'pcka_batched', 'peak_bytes'):5.2f}x less peak memory, |value gap| {pcka_gap:.2e}")
     print(f"RCKA  vs naive (explicit H, Gram form): {ratio('rcka_naive', 'rcka', 'seconds'):6.2f}x faster, "
@@ -176,7 +264,7 @@ def main():
           f"({results['rcka']['seconds'] * 1e3:.2f} ms vs {results['kd']['seconds'] * 1e3:.2f} ms)")
     print(f"RCKA default (authors' form) time / KD loss time: {ratio('rcka_default', 'kd', 'seconds'):6.1f}x "
           f"({results['rcka_default']['seconds'] * 1e3:.2f} ms vs {results['kd']['seconds'] * 1e3:.2f} ms)")
-    print(json.dumps({"device": str(device), "results": results}))
+    print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "results": results}))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from common.checkpoint import (
 from common.evaluation import evaluate_classifier, state_dict_sha256
 from common.features import FeatureTaps
 from common.logging import MetricLogger, SmoothedValue, git_state
-from common.losses import FEATURE_FORMS, METHOD_SETTINGS, METHODS, build_distillation_loss
+from common.losses import METHOD_SETTINGS, METHODS, add_cka_arguments, build_distillation_loss
 from common.run import RunError, RunFolder, file_sha256, folder_suffix
 
 # Students trained with LR 0.01 instead of 0.05 in the CRD/DKD recipe (they diverge at 0.05).
@@ -95,34 +95,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--dkd_temperature", type=float, default=4.0, help="DKD temperature (DKD paper: 4)")
     parser.add_argument("--dkd_warmup", type=int, default=20,
                         help="epochs over which the DKD loss ramps up linearly (DKD paper: 20)")
-    parser.add_argument("--fcka_weight", type=float, default=1.0,
-                        help="weight of L_FCKA (the paper gives none; the first author's related code, "
-                             "Klayand/Distill_Knowledge@5312bdf distiller/CKASP.py DKCKA(spcka_weight=1.0), uses 1)")
-    parser.add_argument("--lcka_intra_weight", type=float, default=15.0,
-                        help="weight of L_Intra-LCKA, CKA of batch x batch logit Grams (related code: icme_main.py "
-                             "builds CenterKernelAlignmentRKD(intra_weight=15))")
-    parser.add_argument("--lcka_inter_weight", type=float, default=15.0,
-                        help="weight of L_Inter-LCKA, CKA of class x class logit Grams (related code: icme_main.py "
-                             "passes inter_weight=15; that class scales the inter term by intra_weight, so equal "
-                             "values reproduce it)")
+    add_cka_arguments(parser)  # weights and forms of RCKA's CKA terms: common/losses.py, with sources
     parser.add_argument("--fcka_stages", default="all",
                         help="stage outputs that FCKA compares, as indices into the stages after the stem "
                              "(comma-separated, negative from the end, e.g. '-1'), or 'all' (default, summed, as "
                              "the related code's spcka_loss does over features[1:]); the same indices are used for "
                              "teacher and student")
-    parser.add_argument("--fcka_form", default="sp", choices=FEATURE_FORMS,
-                        help="sp (default): CKA of the SP kernels (batch x batch Grams with unit-norm rows) of "
-                             "flattened stage features, as DKCKA / compute_spcka_loss in the related code "
-                             "(distiller/CKASP.py); gram: CKA of the plain batch x batch Grams (the paper's "
-                             "framework figure)")
-    parser.add_argument("--lcka_row_norm", action=argparse.BooleanOptionalAction, default=True,
-                        help="divide each row of the logit Grams by sqrt(K_ii), as CenterKernelAlignmentRKD("
-                             "with_l2_norm=True) in the related code (distiller/CKA.py), which icme_main.py keeps "
-                             "(default); --no-lcka_row_norm gives the plain Gram of the paper's equations")
-    parser.add_argument("--cka_centered", action=argparse.BooleanOptionalAction, default=False,
-                        help="centre each representation before its Gram (true CKA). Default off: the authors' "
-                             "CKA never centres (related code distiller/CKA.py CenterKernelAlignment; the released "
-                             "Klayand/PCKA cka_loss.py), and the weights above were tuned for that")
 
     # ---- optimisation
     parser.add_argument("--lr", type=float, default=None,

@@ -10,13 +10,24 @@ p features) and Gram matrices ``(..., n, n)``; the result has shape ``(...)``.
 Numerics, in one place:
   * Half-precision inputs (and inputs produced under autocast) are promoted to float32 and the
     maths runs with autocast disabled; float64 inputs stay float64 (``gradcheck`` uses them).
-  * CKA is invariant to isotropic scaling, so each representation / Gram matrix is divided by
-    its (detached) largest absolute entry before any product. This changes neither the value nor
-    the gradient, and keeps the quartic norms ``||K||_F^2`` inside float32's range for large
-    flattened features.
-  * The only epsilon is ``EPS`` in ``_normalised_inner``: a squared norm below it (after the
-    rescaling, so it is relative to the data's own scale) means a constant representation, whose
-    CKA is undefined. We return 0 there, with zero gradient, instead of NaN.
+  * Centre before any product. Centring the Gram ``X X^T`` after forming it from uncentred X
+    loses about eps * (mean/std)^2 of relative precision (float32, columns offset by 1e4 with
+    std 1: CKA -0.06 for a true 0.74), and logits or post-ReLU features are not zero-mean. So
+    every path that centres centres the columns of X first (``center_columns``, O(np), small
+    next to the O(n^2 p) Gram), and RBF distances are taken between centred samples. The Gram
+    is centred once more afterwards (O(n^2)), which removes the rounding left in the means.
+    ``cka(K, L)`` on Gram matrices you built yourself can only centre the Grams: for offset
+    data, pass ``gram_linear(center_columns(x))`` or use ``linear_cka``.
+  * CKA is invariant to isotropic scaling, so each (centred) representation / Gram matrix is
+    divided by its (detached) largest absolute entry before any product. This changes neither
+    the value nor the gradient, and keeps the quartic norms ``||K||_F^2`` inside float32's range
+    for large flattened features.
+  * The only epsilon is ``EPS`` in ``_normalised_inner``. After the rescaling a non-zero matrix
+    has squared norm >= 1, so the test ``< EPS`` catches exactly the zero ones: a constant
+    representation, which ``center_columns`` turns into exact zeros (it subtracts a sample
+    before the mean, so no rounding is left to amplify), or an all-zero one when uncentred. Its
+    CKA is undefined; we return 0 with exactly zero gradient (``torch.where``, so no
+    1/sqrt(EPS)-sized factor reaches the other side), instead of NaN.
 
 Difference from the paper's released code (Klayand/PCKA): its "CKA" never centres; it is the
 cosine similarity of the uncentred Gram matrices ``X X^T`` and ``Y Y^T``. That equals linear CKA
@@ -32,11 +43,13 @@ from torch import Tensor
 
 __all__ = [
     "EPS",
+    "center_columns",
     "gram_linear",
     "gram_rbf",
     "center_gram",
     "hsic",
     "cka",
+    "cka_and_gradient",
     "linear_cka",
 ]
 
@@ -83,6 +96,23 @@ def _check_gram(k: Tensor, name: str) -> None:
         raise ValueError(f"CKA/HSIC need at least 2 samples; {name} is {tuple(k.shape)}.")
 
 
+def center_columns(x: Tensor) -> Tensor:
+    """``H X`` for representations x (..., n, p): every feature minus its mean over the n samples.
+
+    Computed as ``D - mean(D)`` with ``D = X - x_0``, x_0 the first sample (detached). Subtracting
+    a sample first removes a common offset exactly, so the mean is taken of numbers of the data's
+    own spread (accurate to eps * std, not eps * offset), and a feature that is constant over the
+    samples becomes exactly 0. The shift changes neither value nor gradient (the result does not
+    depend on x_0). Inputs are promoted as everywhere in this module.
+    """
+    _check_representation(x, "x")
+    x = _promote(x)
+    with _no_autocast(x):
+        d = x - x[..., :1, :].detach()
+        # In place: the mean's backward needs no values of d, so autograd allows it.
+        return d.sub_(d.mean(dim=-2, keepdim=True))
+
+
 class _SymmetricGram(torch.autograd.Function):
     """``X X^T`` whose backward is one matmul, ``(G + G^T) X``, instead of autograd's two plus an add.
 
@@ -112,10 +142,16 @@ def gram_linear(x: Tensor) -> Tensor:
 
 
 def _squared_distances(x: Tensor) -> Tensor:
+    # ||x_i||^2 + ||x_j||^2 - 2 x_i.x_j cancels catastrophically for offset data; distances do
+    # not change under a shift, so take them between centred samples.
+    x = center_columns(x)
     sq_norms = (x * x).sum(-1)
     gram = x @ x.transpose(-1, -2)
-    # Rounding can make tiny distances negative; clamp them to 0.
-    return (sq_norms.unsqueeze(-1) + sq_norms.unsqueeze(-2) - 2 * gram).clamp_min(0)
+    # Rounding can make tiny distances negative; clamp them to 0. A sample is at distance exactly
+    # 0 from itself (so k(x, x) = 1 exactly).
+    d2 = (sq_norms.unsqueeze(-1) + sq_norms.unsqueeze(-2) - 2 * gram).clamp_min(0)
+    n = d2.shape[-1]
+    return d2.masked_fill(torch.eye(n, dtype=torch.bool, device=d2.device), 0.0)
 
 
 def median_bandwidth(x: Tensor) -> Tensor:
@@ -206,12 +242,15 @@ def _check_pair(k: Tensor, l: Tensor) -> None:
 
 
 def _normalised_inner(inner: Tensor, sq_norm_a: Tensor, sq_norm_b: Tensor) -> Tensor:
-    """``inner / sqrt(sq_norm_a * sq_norm_b)``; 0 with zero gradient for a degenerate (zero) side.
+    """``inner / sqrt(sq_norm_a * sq_norm_b)``; exactly 0, with exactly zero gradient, for a zero side.
 
-    Clamping each squared norm at EPS keeps the result in [-1, 1] (Cauchy-Schwarz) and makes the
-    gradient through a clamped norm exactly zero.
+    The clamp keeps the unused branch finite (so ``where`` passes a clean 0 back); ``where``, not
+    the clamp alone, makes the gradient zero: through the clamp the inner product's gradient
+    would still be multiplied by 1/sqrt(EPS) and cancel only in exact arithmetic.
     """
-    return inner * torch.rsqrt(sq_norm_a.clamp_min(EPS)) * torch.rsqrt(sq_norm_b.clamp_min(EPS))
+    degenerate = (sq_norm_a < EPS) | (sq_norm_b < EPS)
+    value = inner * torch.rsqrt(sq_norm_a.clamp_min(EPS)) * torch.rsqrt(sq_norm_b.clamp_min(EPS))
+    return torch.where(degenerate, torch.zeros_like(value), value)
 
 
 def cka(k: Tensor, l: Tensor, centered: bool = True, unbiased: bool = False) -> Tensor:
@@ -224,12 +263,13 @@ def cka(k: Tensor, l: Tensor, centered: bool = True, unbiased: bool = False) -> 
     _check_pair(k, l)
     if unbiased and not centered:
         raise ValueError("unbiased=True implies centring (the estimator centres implicitly); use centered=True.")
-    k, l = _rescale(_promote(k)), _rescale(_promote(l))
+    k, l = _promote(k), _promote(l)
     with _no_autocast(k):
         if unbiased:
             n = k.shape[-1]
             if n < 4:
                 raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got n={n}.")
+            k, l = _rescale(k), _rescale(l)
             return _normalised_inner(
                 _hsic_unbiased_unnormalised(k, l),
                 _hsic_unbiased_unnormalised(k, k),
@@ -237,9 +277,37 @@ def cka(k: Tensor, l: Tensor, centered: bool = True, unbiased: bool = False) -> 
             )
         if centered:
             k, l = center_gram(k), center_gram(l)
+        # Rescale after centring, so that the EPS test is relative to the centred scale.
+        k, l = _rescale(k), _rescale(l)
         return _normalised_inner(
             (k * l).sum(dim=(-2, -1)), (k * k).sum(dim=(-2, -1)), (l * l).sum(dim=(-2, -1))
         )
+
+
+def cka_and_gradient(k: Tensor, l: Tensor, centered: bool = True) -> tuple[Tensor, Tensor]:
+    """``cka(k, l, centered)`` and its gradient with respect to k, in closed form and without a graph.
+
+    For hand-written backward passes that go through many small Grams at once (PCKA's fused op in
+    ``common.patches``). With K~ = HKH (or K), c = <K~, L~> / (|K~| |L~|):
+    ``dc/dK = H (L~ / (|K~| |L~|) - c K~ / |K~|^2) H``, computed after the same rescaling as
+    ``cka`` (so it cannot overflow) and exactly 0 where ``cka`` is 0 for a zero side.
+    """
+    _check_pair(k, l)
+    k, l = _promote(k), _promote(l)
+    with torch.no_grad(), _no_autocast(k):
+        if centered:
+            k, l = center_gram(k), center_gram(l)
+        scale_k = k.abs().amax(dim=(-2, -1), keepdim=True)
+        scale_k = torch.where(scale_k > 0, scale_k, torch.ones_like(scale_k))
+        k, l = k / scale_k, _rescale(l)
+        kk, ll, kl = (k * k).sum(dim=(-2, -1)), (l * l).sum(dim=(-2, -1)), (k * l).sum(dim=(-2, -1))
+        value = _normalised_inner(kl, kk, ll)
+        rk, rl = torch.rsqrt(kk.clamp_min(EPS)), torch.rsqrt(ll.clamp_min(EPS))
+        grad = (l * (rk * rl)[..., None, None] - k * (value * rk * rk)[..., None, None]) / scale_k
+        grad = torch.where(((kk < EPS) | (ll < EPS))[..., None, None], torch.zeros_like(grad), grad)
+        if centered:
+            grad = center_gram(grad)
+    return value, grad
 
 
 def linear_cka(x: Tensor, y: Tensor, centered: bool = True) -> Tensor:
@@ -261,16 +329,15 @@ def linear_cka(x: Tensor, y: Tensor, centered: bool = True) -> Tensor:
     if x.dtype != y.dtype:
         x, y = x.double(), y.double()
     n, p, q = x.shape[-2], x.shape[-1], y.shape[-1]
+    if centered:
+        # Before any product: see the module docstring (precision for offset inputs, exact zeros
+        # for constant ones).
+        x, y = center_columns(x), center_columns(y)
     if n * (p * q + p * p + q * q) >= n * n * (p + q):
-        # Gram form: centre and rescale the n x n Gram matrices, not the (much larger) n x p
-        # features; elementwise passes over the features would cost as much as the matmuls.
-        # Centring through HKH loses ~eps * (mean/std)^2 relative precision in float32, which is
-        # negligible for activations (mean/std of order 1).
+        # Gram form: rescale the n x n Gram matrices, not the (much larger) n x p features.
+        # ``cka`` centres the Grams again, which only removes the rounding left in the means.
         return cka(gram_linear(x), gram_linear(y), centered=centered)
     with _no_autocast(x):
-        if centered:
-            x = x - x.mean(dim=-2, keepdim=True)
-            y = y - y.mean(dim=-2, keepdim=True)
         x, y = _rescale(x), _rescale(y)
         xt, yt = x.transpose(-1, -2), y.transpose(-1, -2)
         cross, a, b = yt @ x, xt @ x, yt @ y

@@ -25,7 +25,6 @@ two SP kernels (the inputs of the outer CKA) are centred, giving true linear CKA
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from common.cka import EPS, _no_autocast, _promote, _rescale, cka, gram_linear, linear_cka

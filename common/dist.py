@@ -280,6 +280,69 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced.to(tensor.device)
 
 
+def gather_sizes(size: int) -> list[int]:
+    """Every process's ``size`` (e.g. its batch size), in rank order; ``[size]`` for a single process."""
+    if not is_dist_avail_and_initialized():
+        return [int(size)]
+    mine = torch.tensor([int(size)], dtype=torch.int64, device=_reduction_device())
+    everyone = [torch.empty_like(mine) for _ in range(get_world_size())]
+    dist.all_gather(everyone, mine)
+    return [int(t.item()) for t in everyone]
+
+
+class _AllGatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int], same_loss_everywhere: bool) -> torch.Tensor:
+        rank, world = get_rank(), get_world_size()
+        if len(sizes) != world or sizes[rank] != tensor.shape[0]:
+            raise ValueError(
+                f"sizes={sizes} do not match this process (rank {rank} of {world}, {tensor.shape[0]} rows); pass "
+                "gather_sizes(tensor.shape[0]) or leave sizes out"
+            )
+        staged = tensor.detach().to(_reduction_device()).contiguous()
+        longest = max(sizes)
+        if staged.shape[0] < longest:  # all_gather moves equal shapes only
+            staged = torch.cat([staged, staged.new_zeros((longest - staged.shape[0], *staged.shape[1:]))])
+        parts = [torch.empty_like(staged) for _ in range(world)]
+        dist.all_gather(parts, staged)
+        ctx.rows = (sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        ctx.same_loss_everywhere, ctx.world, ctx.device = same_loss_everywhere, world, tensor.device
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(tensor.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start, stop = ctx.rows
+        if ctx.same_loss_everywhere:
+            # Every process computed the same loss from the same gathered tensor, so their gradients
+            # are equal and their sum is world_size times ours: no communication needed.
+            return grad[start:stop] * ctx.world, None, None
+        summed = grad.detach().to(_reduction_device(), copy=True).contiguous()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed[start:stop].to(ctx.device), None, None
+
+
+def all_gather_with_grad(
+    tensor: torch.Tensor, sizes: list[int] | None = None, *, same_loss_everywhere: bool = False
+) -> torch.Tensor:
+    """All processes' ``tensor`` concatenated along dim 0 in rank order, differentiable with respect to ours.
+
+    Ranks may hold different numbers of rows; ``sizes`` (from ``gather_sizes``) saves the exchange that
+    finds them out when several tensors of one batch are gathered. Without a process group: ``tensor``.
+
+    Gradient: the loss each process backpropagates may depend on every row, so the gradient of our rows is
+    the sum over processes of each one's gradient for them (an all_reduce of the gathered gradient). Under
+    DDP, which averages parameter gradients over processes, this makes the step equal to that of one process
+    on the concatenated batch. ``same_loss_everywhere=True`` declares that every process computes the very
+    same loss from the gathered tensors (global-batch CKA does): then each gradient is the same and their
+    sum is ``world_size`` times ours, which needs no communication.
+    """
+    if not is_dist_avail_and_initialized():
+        return tensor
+    if sizes is None:
+        sizes = gather_sizes(tensor.shape[0])
+    return _AllGatherRows.apply(tensor, list(sizes), same_loss_everywhere)
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
 

@@ -28,6 +28,7 @@ reproduction we can justify); the principled variants are options. Sources, cite
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -36,9 +37,10 @@ from torch import Tensor, nn
 
 from common.cka import _promote, linear_cka
 from common.cka_variants import gram_cosine, sp_cka
-from common.patches import patchify
+from common.dist import all_gather_with_grad, gather_sizes
+from common.patches import patch_cka, patch_grid, patchify
 
-__all__ = ["METHODS", "FEATURE_FORMS", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKDLoss", "build_distillation_loss"]
+__all__ = ["METHODS", "FEATURE_FORMS", "add_cka_arguments", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKDLoss", "build_distillation_loss"]
 
 # The classification methods, in the paper's Table 1 order; tasks, sweeps and reports read this one list.
 # ce: the student alone; kd: Hinton et al.; dkd: Zhao et al.; fcka / lcka: the paper's feature / logit
@@ -50,9 +52,10 @@ METHOD_SETTINGS = {
     "ce": (),
     "kd": ("kd_weight", "kd_temperature"),
     "dkd": ("dkd_alpha", "dkd_beta", "dkd_temperature", "dkd_warmup"),
-    "fcka": ("fcka_weight", "fcka_form", "cka_centered"),
-    "lcka": ("lcka_intra_weight", "lcka_inter_weight", "lcka_row_norm", "cka_centered"),
-    "rcka": ("fcka_weight", "fcka_form", "lcka_intra_weight", "lcka_inter_weight", "lcka_row_norm", "cka_centered"),
+    "fcka": ("fcka_weight", "fcka_form", "cka_centered", "cka_batch"),
+    "lcka": ("lcka_intra_weight", "lcka_inter_weight", "lcka_row_norm", "cka_centered", "cka_batch"),
+    "rcka": ("fcka_weight", "fcka_form", "lcka_intra_weight", "lcka_inter_weight", "lcka_row_norm", "cka_centered",
+             "cka_batch"),
 }
 
 
@@ -123,6 +126,33 @@ def _paired_levels(feats_s, feats_t) -> list[tuple[str, Tensor, Tensor]]:
 FEATURE_FORMS = ("sp", "gram")
 
 
+def _global_batch(logits_s, logits_t, feats_s, feats_t):
+    """Every process's samples, concatenated in rank order (see ``RCKALoss``'s ``cka_batch``)."""
+    tensors = [t for t in (logits_s, logits_t, *_as_list(feats_s), *_as_list(feats_t)) if t is not None]
+    if not tensors:
+        return logits_s, logits_t, feats_s, feats_t
+    if len({t.shape[0] for t in tensors}) > 1:
+        raise ValueError(
+            f"cka_batch='global' gathers whole batches, but the inputs hold different numbers of samples: "
+            f"{sorted({t.shape[0] for t in tensors})}; pass student and teacher outputs of the same batch."
+        )
+    sizes = gather_sizes(tensors[0].shape[0])  # one exchange for all the tensors of this batch
+
+    def gather(value, student: bool):
+        if value is None:
+            return None
+        if isinstance(value, Mapping):
+            return {key: gather(v, student) for key, v in value.items()}
+        if not isinstance(value, Tensor):
+            return [gather(v, student) for v in value]
+        if student:
+            # Every process computes the same loss from the gathered tensors.
+            return all_gather_with_grad(value, sizes, same_loss_everywhere=True)
+        return all_gather_with_grad(value.detach(), sizes)
+
+    return gather(logits_s, True), gather(logits_t, False), gather(feats_s, True), gather(feats_t, False)
+
+
 class RCKALoss(DistillationLoss):
     """RCKA = w_f sum_stages (1 - CKA_f(F_s, F_t)) + w_intra (1 - CKA(Z_s, Z_t)) + w_inter (1 - CKA(Z_s^T, Z_t^T)).
 
@@ -157,6 +187,16 @@ class RCKALoss(DistillationLoss):
     Other choices: ``1 - CKA`` rather than [DK]'s ``-CKA`` (a constant apart: the same gradients,
     non-negative, 0 at perfect alignment). No temperature or softmax on the logits ([DK]'s
     ``soften=False`` default, which ``icme_main.py`` keeps). No warm-up ([DK] has none).
+
+    ``cka_batch`` says over which samples the batch x batch (and class x class) Grams are built under
+    several processes. "local" (default): each process's own batch, as the released code does per
+    process, so 8 GPUs x 64 images give the mean of eight batch-64 CKAs. "global": every process first
+    gathers all processes' logits and features (``common.dist.all_gather_with_grad``; teacher side
+    without graph), so the loss is that of one process with the whole batch of 512, and so are the
+    gradients after DDP's averaging. Its cost, per step and process: an all_gather of the student's and
+    the teacher's logits and tapped features (world_size times their size, held until backward), no
+    communication in backward (each process computes the same loss), and Grams over world_size times the
+    samples: world_size^2 times the Gram FLOPs of "local". Without a process group both are the same.
     """
 
     def __init__(
@@ -167,6 +207,7 @@ class RCKALoss(DistillationLoss):
         centered: bool = False,
         logit_row_norm: bool = True,
         feature_form: str = "sp",
+        cka_batch: str = "local",
     ) -> None:
         super().__init__()
         for name, value in (("feature_weight", feature_weight), ("intra_weight", intra_weight), ("inter_weight", inter_weight)):
@@ -177,6 +218,9 @@ class RCKALoss(DistillationLoss):
                 f"feature_form must be one of {FEATURE_FORMS} ('sp': the first author's related code, "
                 f"'gram': the paper's figure); got {feature_form!r}."
             )
+        if cka_batch not in ("local", "global"):
+            raise ValueError(f"cka_batch must be 'local' or 'global', got {cka_batch!r}.")
+        self.cka_batch = cka_batch
         self.feature_weight = feature_weight
         self.intra_weight = intra_weight
         self.inter_weight = inter_weight
@@ -203,6 +247,13 @@ class RCKALoss(DistillationLoss):
         return gram_cosine(zs, zt, centered=self.centered, row_norm=self.logit_row_norm)
 
     def terms(self, *, logits_s=None, logits_t=None, feats_s=None, feats_t=None, targets=None, epoch=0):
+        if self.cka_batch == "global":
+            # Only what a term with a non-zero weight reads is gathered.
+            use_logits, use_feats = self.intra_weight > 0 or self.inter_weight > 0, self.feature_weight > 0
+            logits_s, logits_t, feats_s, feats_t = _global_batch(
+                logits_s if use_logits else None, logits_t if use_logits else None,
+                feats_s if use_feats else None, feats_t if use_feats else None,
+            )
         terms: dict[str, Tensor] = {}
         if self.feature_weight > 0:
             pairs = _paired_levels(feats_s, feats_t)
@@ -230,8 +281,9 @@ class PCKALoss(DistillationLoss):
     For every level, both maps are cut into p x p patches (``common.patches.patchify``) and for each
     channel c the patch x patch Gram matrices of ``X_c`` (patches, B*p*p) are compared:
     ``intra = mean_c (1 - CKA(X_c^s, X_c^t))``. The optional inter term does the same on the
-    transposed matrices (Gram over the B*p*p pixel positions). Levels are summed; channels of a
-    level go through one batched matmul. The paper's weight for the intra term is 10; the
+    transposed matrices (Gram over the B*p*p pixel positions). Levels are summed; the intra term
+    of a level is one fused operation over all its channels (``common.patches.patch_cka``: resize,
+    copies, Grams and CKA per chunk of channels, with a hand-written backward). The paper's weight for the intra term is 10; the
     detection configs pass the first four FPN levels, as the released code does.
 
     ``centered=False`` by default: [PCKA]'s ``CenterKernelAlignment`` never centres (and does not
@@ -273,22 +325,25 @@ class PCKALoss(DistillationLoss):
                     f"{tuple(ft.shape[:2])}; PCKA pairs channels one to one, so both need the same "
                     "batch and channel count (FPN levels usually have 256)."
                 )
-            xs, xt = patchify(fs, self.patch_size), patchify(ft.detach(), self.patch_size)
-            if xs.shape != xt.shape:
+            grid_s = patch_grid(*fs.shape[-2:], self.patch_size)
+            grid_t = patch_grid(*ft.shape[-2:], self.patch_size)
+            if grid_s != grid_t:
                 raise ValueError(
                     f"level {name}: student map {tuple(fs.shape[-2:])} and teacher map {tuple(ft.shape[-2:])} "
-                    f"give different patch grids ({xs.shape[1]} vs {xt.shape[1]} patches of "
+                    f"give different patch grids ({grid_s[0]}x{grid_s[1]} vs {grid_t[0]}x{grid_t[1]} patches of "
                     f"{self.patch_size}x{self.patch_size}); pair levels of the same stride."
                 )
-            if xs.shape[1] < 2 and self.centered:
-                raise ValueError(
-                    f"level {name}: a {tuple(fs.shape[-2:])} map gives {xs.shape[1]} patch of "
-                    f"{self.patch_size}x{self.patch_size}; centred CKA needs at least 2. Leave this level "
-                    "out or use a smaller --patch_size."
-                )
             if self.intra_weight > 0:
-                intra.append((1 - linear_cka(xs, xt, centered=self.centered)).mean())
+                if grid_s[0] * grid_s[1] < 2:
+                    # Centred or not: a single patch has a 1 x 1 Gram, whose CKA says nothing.
+                    raise ValueError(
+                        f"level {name}: a {tuple(fs.shape[-2:])} map gives {grid_s[0] * grid_s[1]} patch of "
+                        f"{self.patch_size}x{self.patch_size}; the intra term compares patch x patch Grams "
+                        "and needs at least 2 patches. Leave this level out or use a smaller --patch_size."
+                    )
+                intra.append((1 - patch_cka(fs, ft, self.patch_size, centered=self.centered)).mean())
             if self.inter_weight > 0:
+                xs, xt = patchify(fs, self.patch_size), patchify(ft.detach(), self.patch_size)
                 inter.append(
                     (1 - linear_cka(xs.transpose(1, 2), xt.transpose(1, 2), centered=self.centered)).mean()
                 )
@@ -396,5 +451,41 @@ def build_distillation_loss(method: str, settings) -> DistillationLoss | None:
             centered=get("cka_centered"),
             logit_row_norm=get("lcka_row_norm"),
             feature_form=get("fcka_form"),
+            cka_batch=get("cka_batch"),
         )
     raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+
+
+def add_cka_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of RCKA's CKA terms, the same in every classification task: weights and forms of the first
+    author's related code ([DK] in the module docstring) as defaults, each citing its source. FCKA's stages are
+    the task's (they name its architectures' modules)."""
+    parser.add_argument("--fcka_weight", type=float, default=1.0,
+                        help="weight of L_FCKA (the paper gives none; the first author's related code, "
+                             "Klayand/Distill_Knowledge@5312bdf distiller/CKASP.py DKCKA(spcka_weight=1.0), uses 1)")
+    parser.add_argument("--lcka_intra_weight", type=float, default=15.0,
+                        help="weight of L_Intra-LCKA, CKA of batch x batch logit Grams (related code: icme_main.py "
+                             "builds CenterKernelAlignmentRKD(intra_weight=15))")
+    parser.add_argument("--lcka_inter_weight", type=float, default=15.0,
+                        help="weight of L_Inter-LCKA, CKA of class x class logit Grams (related code: icme_main.py "
+                             "passes inter_weight=15; that class scales the inter term by intra_weight, so equal "
+                             "values reproduce it)")
+    parser.add_argument("--fcka_form", default="sp", choices=FEATURE_FORMS,
+                        help="sp (default): CKA of the SP kernels (batch x batch Grams with unit-norm rows) of "
+                             "flattened stage features, as DKCKA / compute_spcka_loss in the related code "
+                             "(distiller/CKASP.py); gram: CKA of the plain batch x batch Grams (the paper's "
+                             "framework figure)")
+    parser.add_argument("--lcka_row_norm", action=argparse.BooleanOptionalAction, default=True,
+                        help="divide each row of the logit Grams by sqrt(K_ii), as CenterKernelAlignmentRKD("
+                             "with_l2_norm=True) in the related code (distiller/CKA.py), which icme_main.py keeps "
+                             "(default); --no-lcka_row_norm gives the plain Gram of the paper's equations")
+    parser.add_argument("--cka_centered", action=argparse.BooleanOptionalAction, default=False,
+                        help="centre each representation before its Gram (true CKA). Default off: the authors' "
+                             "CKA never centres (related code distiller/CKA.py CenterKernelAlignment; the released "
+                             "Klayand/PCKA cka_loss.py), and the weights above were tuned for that")
+    parser.add_argument("--cka_batch", default="local", choices=("local", "global"),
+                        help="the samples RCKA's batch x batch and class x class Grams are built from when several "
+                             "processes train: local (default) = each process's own batch, as the released code "
+                             "does per process; global = all processes' samples, gathered with gradients, so N "
+                             "GPUs x b images give the loss of one GPU with N*b (costs an all_gather of logits and "
+                             "tapped features and N^2 times the Gram FLOPs)")

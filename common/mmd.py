@@ -75,6 +75,12 @@ def mmd2(
         raise ValueError(f"the unbiased MMD estimator needs at least 2 samples on each side, got m={m}, n={n}.")
     x, y = _promote(x), _promote(y)
     with _no_autocast(x):
+        # MMD does not change under a common shift of both samples (for both kernels); shifting by
+        # the pooled mean first keeps x.y and ||x||^2 from cancelling catastrophically for offset
+        # data (the same weakness as centring a Gram afterwards; see common.cka). Detached: the
+        # result does not depend on the shift.
+        shift = ((x.detach().sum(-2, keepdim=True) + y.detach().sum(-2, keepdim=True)) / (m + n)).to(x.dtype)
+        x, y = x - shift, y - shift
         if kernel == "linear":
             kxx, kyy, kxy = x @ x.transpose(-1, -2), y @ y.transpose(-1, -2), x @ y.transpose(-1, -2)
         else:

@@ -9,21 +9,46 @@ patch x patch Gram matrices ``X_c X_c^T`` of teacher and student.
 This is what the paper's released code does (Klayand/PCKA, mmrazor CKA loss); it resizes with
 ``F.interpolate(mode="bilinear", align_corners=False)``, which we keep. A map whose sides are
 already multiples of p is not resampled.
+
+``patch_cka`` computes those per-channel CKAs in one fused operation with its own backward, close
+to the cost of its Gram matmuls; see its docstring for where the time goes and why.
 """
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["patch_grid", "patchify"]
+from common.cka import _no_autocast, _promote, cka_and_gradient
+
+__all__ = ["patch_grid", "patchify", "patch_cka"]
+
+# Channels per chunk of ``patch_cka`` on CPU: about this many elements of resized map per chunk.
+# A few MiB stay in cache and are recycled by malloc; a whole P3 level (~37 MiB in float32) is
+# mmap-ed and page-faulted afresh by every temporary, which cost more than the matmuls.
+CPU_CHUNK_ELEMENTS = 1 << 19
 
 
 def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
     """Number of patch rows and columns after rounding H and W up to multiples of the patch size."""
     return math.ceil(height / patch_size), math.ceil(width / patch_size)
+
+
+def _check(feat: Tensor, patch_size: int) -> None:
+    if feat.dim() != 4:
+        raise ValueError(
+            f"patchify expects a feature map of shape (B, C, H, W); got shape {tuple(feat.shape)}."
+        )
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
+
+
+def _resized_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    rows, cols = patch_grid(height, width, patch_size)
+    return rows * patch_size, cols * patch_size
 
 
 def patchify(feat: Tensor, patch_size: int = 16) -> Tensor:
@@ -33,15 +58,115 @@ def patchify(feat: Tensor, patch_size: int = 16) -> Tensor:
     (image, pixel row, pixel column); only the patch order matters for the Gram matrices, and it
     is the same for every map cut on the same grid.
     """
-    if feat.dim() != 4:
-        raise ValueError(
-            f"patchify expects a feature map of shape (B, C, H, W); got shape {tuple(feat.shape)}."
-        )
-    if patch_size < 1:
-        raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
+    _check(feat, patch_size)
     _, _, h, w = feat.shape
-    rows, cols = patch_grid(h, w, patch_size)
-    target = (rows * patch_size, cols * patch_size)
+    target = _resized_size(h, w, patch_size)
     if target != (h, w):
         feat = F.interpolate(feat, size=target, mode="bilinear", align_corners=False)
     return rearrange(feat, "b c (gh p1) (gw p2) -> c (gh gw) (b p1 p2)", p1=patch_size, p2=patch_size)
+
+
+def _patch_rows(feat: Tensor, patch_size: int, centered: bool) -> Tensor:
+    """``patchify`` of a float32 map into a fresh contiguous buffer; with ``centered``, minus its first patch.
+
+    Subtracting one patch (a row of X) from all of them removes any offset exactly, so a constant
+    channel gives exact zeros and the Gram is formed from numbers of the data's own spread; the
+    Gram is then centred (``cka_and_gradient``), which finishes the centring at O(n^2). That costs
+    eps * (|x_0 - mean| / spread)^2 of precision, the same as zero-mean data, and no pass over the
+    rows beyond the rearranging copy it is fused into (a full column centring would add two).
+    """
+    b, c, h, w = feat.shape
+    size = _resized_size(h, w, patch_size)
+    if size != (h, w):
+        feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=False)
+    gh, gw = size[0] // patch_size, size[1] // patch_size
+    blocks = feat.view(b, c, gh, patch_size, gw, patch_size).permute(1, 2, 4, 0, 3, 5)
+    rows = feat.new_empty(blocks.shape)
+    if centered:
+        torch.sub(blocks, blocks[:, :1, :1], out=rows)
+    else:
+        rows.copy_(blocks)
+    return rows.view(c, gh * gw, b * patch_size * patch_size)
+
+
+def _channel_chunks(feat: Tensor, patch_size: int) -> list[slice]:
+    b, c, h, w = feat.shape
+    if feat.device.type != "cpu":
+        return [slice(0, c)]  # the caching allocator recycles big buffers; one big batch is fastest
+    per_channel = b * math.prod(_resized_size(h, w, patch_size))
+    step = max(1, CPU_CHUNK_ELEMENTS // per_channel)
+    return [slice(start, min(start + step, c)) for start in range(0, c, step)]
+
+
+class _PatchCKA(torch.autograd.Function):
+    """Per-channel CKA of patch Grams with a hand-written backward; see ``patch_cka``."""
+
+    @staticmethod
+    def forward(ctx, feat_s: Tensor, feat_t: Tensor, patch_size: int, centered: bool) -> Tensor:
+        fs, ft = _promote(feat_s), _promote(feat_t)
+        chunks = _channel_chunks(fs, patch_size)
+        b, c, h, w = fs.shape
+        n = math.prod(patch_grid(h, w, patch_size))
+        values, grad_grams, gram_t = fs.new_empty(c), fs.new_empty(c, n, n), fs.new_empty(c, n, n)
+        rows_s = []
+        with _no_autocast(fs):
+            for chunk in chunks:
+                xs = _patch_rows(fs[:, chunk], patch_size, centered)
+                xt = _patch_rows(ft[:, chunk], patch_size, centered)
+                gram_s = torch.bmm(xs, xs.transpose(1, 2), out=grad_grams[chunk])  # overwritten just below
+                torch.bmm(xt, xt.transpose(1, 2), out=gram_t[chunk])
+                # Per chunk, while the chunk's Grams are in cache; it centres them (see _patch_rows).
+                values[chunk], grad_grams[chunk] = cka_and_gradient(gram_s, gram_t[chunk], centered)
+                rows_s.append(xs)
+        ctx.patch_size, ctx.chunks, ctx.in_shape, ctx.in_dtype = patch_size, chunks, fs.shape, feat_s.dtype
+        ctx.save_for_backward(grad_grams, *rows_s)
+        return values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad_grams, *rows_s = ctx.saved_tensors
+        p, (b, _, h, w) = ctx.patch_size, ctx.in_shape
+        size = _resized_size(h, w, p)
+        gh, gw = size[0] // p, size[1] // p
+        # K = R R^T gives dR = (G + G^T) R = 2 G R (G symmetric). When centred, R = X - 1 x_0^T and
+        # K is centred as H K H, so G = H G H and dX = (I - e_0 1^T) 2 G R = 2 G R: no step of its own.
+        grad_grams = grad_grams * (2 * grad_values.to(grad_grams.dtype))[:, None, None]
+        grad_fs = grad_grams.new_empty(ctx.in_shape)
+        for chunk, xs in zip(ctx.chunks, rows_s):
+            blocks = torch.bmm(grad_grams[chunk], xs).view(xs.shape[0], gh, gw, b, p, p)
+            if size == (h, w):
+                grad_fs[:, chunk].view(b, -1, gh, p, gw, p).copy_(blocks.permute(3, 0, 1, 4, 2, 5))
+                continue
+            # The resize's backward is several times faster on a channels-last gradient (CPU), and
+            # writing the patches out in that layout costs about as much as in NCHW.
+            grad_map = blocks.permute(3, 1, 4, 2, 5, 0).reshape(b, *size, xs.shape[0]).permute(0, 3, 1, 2)
+            grad_fs[:, chunk] = torch.ops.aten.upsample_bilinear2d_backward(
+                grad_map, list(size), [b, xs.shape[0], h, w], False, None, None
+            )
+        return grad_fs.to(ctx.in_dtype), None, None, None
+
+
+def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bool = True) -> Tensor:
+    """CKA, per channel, of the patch x patch Gram matrices of two maps (B, C, H, W): shape (C,).
+
+    The same values as ``linear_cka(patchify(feat_s), patchify(feat_t), centered)``. Gradients
+    flow to ``feat_s`` only (the teacher side builds no graph). Differentiable once.
+
+    Why a fused operation: the Gram matmuls (teacher, student, and the student's backward) are
+    the irreducible cost, and everything else is memory traffic over maps the size of the
+    resized level: the resize and its backward, the rearranging copies, the centring. Done as
+    separate autograd ops over a whole FPN level, each pass allocates a new level-sized buffer,
+    and on CPU those are mmap-ed and page-faulted afresh; together they cost several times the
+    matmuls. Here each chunk of channels goes resize -> (copy + centre) -> Gram while it sits in
+    cache, the CKA and its gradient with respect to each Gram are formed in closed form in forward
+    (``cka_and_gradient``, O(n^2) per channel, on the chunk's Grams while they are in cache), and
+    backward is the one matmul ``2 G X`` per chunk followed by the resize's backward on a
+    channels-last gradient. Memory: the student's patch rows are kept from forward to backward, as
+    autograd would keep them; nothing level-sized is allocated besides them and the input gradient.
+    """
+    _check(feat_s, patch_size)
+    _check(feat_t, patch_size)
+    return _PatchCKA.apply(feat_s, feat_t.detach(), patch_size, centered)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.cka import center_gram, cka, gram_linear, gram_rbf, hsic, linear_cka, median_bandwidth
+from common.cka import center_columns, center_gram, cka, gram_linear, gram_rbf, hsic, linear_cka, median_bandwidth
 
 
 # ---------------------------------------------------------------- independent references (numpy, float64)
@@ -233,6 +233,107 @@ def test_large_float32_features_do_not_overflow(rng):
     assert torch.isfinite(got) and got.item() == pytest.approx(expected, abs=1e-4)
 
 
+# ---------------------------------------------------------------- hard inputs: offsets, constants
+def offset_pair(rng, n, p, q):
+    x = rng.normal(size=(n, p))
+    y = x[:, : min(p, q)] @ rng.normal(size=(min(p, q), q)) + rng.normal(size=(n, q))
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "precision,offset",
+    [("float32", 1e2), ("float32", 1e4), ("float32 under bf16 autocast", 1e2), ("float32 under bf16 autocast", 1e4),
+     # bf16 spaces numbers near 1e4 by 64, so std-1 data would round to a constant there.
+     ("bf16 under bf16 autocast", 1e2)],
+)
+@pytest.mark.parametrize("n,p,q", [(64, 1000, 100), (64, 20, 10)])  # the Gram and the feature path
+@pytest.mark.parametrize("centered", [True, False])
+def test_cka_of_offset_inputs_matches_float64(rng, offset, n, p, q, centered, precision):
+    # Logits and post-ReLU features are not zero-mean. Columns offset by 1e4 with std 1 made the
+    # Gram path return -0.06 for a true 0.74 when it centred X X^T after forming it.
+    x, y = offset_pair(rng, n, p, q)
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    xf, yf = t64(x + offset).to(dtype), t64(y + offset * np.linspace(0.5, 2, q)).to(dtype)
+    # The reference sees the same rounded inputs: only the computation's error is measured.
+    expected = np_linear_cka_feature_form(xf.double().numpy(), yf.double().numpy(), centered)
+    if precision.endswith("autocast"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = linear_cka(xf, yf, centered=centered)
+    else:
+        got = linear_cka(xf, yf, centered=centered)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e4])
+def test_gram_of_centred_columns_is_accurate_for_offset_inputs(rng, offset):
+    x, y = offset_pair(rng, 32, 500, 50)
+    xf, yf = t64(x + offset).float(), t64(y - offset).float()
+    expected = np_cka_gram_form(*(a.double().numpy() @ a.double().numpy().T for a in (xf, yf)))
+    got = cka(gram_linear(center_columns(xf)), gram_linear(center_columns(yf)))
+    assert got.item() == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e4])
+def test_rbf_kernels_of_offset_inputs_match_float64(rng, offset):
+    x = rng.normal(size=(19, 8))  # n(n-1)/2 odd: one middle distance, no averaging
+    xf = t64(x + offset).float()
+    x64 = xf.double().numpy()
+    d2 = ((x64[:, None] - x64[None]) ** 2).sum(-1)
+    sigma = np.sqrt(np.median(d2[~np.eye(19, dtype=bool)]))
+    assert median_bandwidth(xf).item() == pytest.approx(sigma, rel=1e-4)
+    np.testing.assert_allclose(gram_rbf(xf, sigma=1.5).double().numpy(), np_rbf(x64, 1.5), atol=1e-5)
+    np.testing.assert_allclose(gram_rbf(xf).double().numpy(), np_rbf(x64, sigma), atol=1e-5)
+    y = t64(rng.normal(size=(19, 3)))
+    expected = np_cka_gram_form(np_rbf(x64, sigma), np_rbf(y.numpy(), median_bandwidth(y).item()))
+    assert cka(gram_rbf(xf), gram_rbf(y.float())).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_center_columns_subtracts_the_mean_and_zeroes_constant_columns_exactly(rng):
+    x = rng.normal(size=(9, 4)) + 1e3
+    x[:, 2] = 0.1  # constant: its float32 mean is not exactly 0.1, a naive x - mean leaves rounding
+    x32 = t64(x).float()
+    got = center_columns(x32)
+    x64 = x32.double().numpy()
+    np.testing.assert_allclose(got.double().numpy(), x64 - x64.mean(0), atol=1e-5)
+    assert torch.equal(got[:, 2], torch.zeros(9))
+
+
+@pytest.mark.parametrize("n,p", [(8, 5), (64, 1000), (16, 3)])
+def test_constant_representation_has_exactly_zero_value_and_gradient_in_float32(rng, n, p):
+    # Every sample the same (values differ across features): no defined CKA. Before, the
+    # rounding left by centring was rescaled to O(1) and leaked a gradient of ~1e-2.
+    x = (torch.ones(n, 1) * t64(rng.normal(size=(1, p))).float()).requires_grad_()
+    y = t64(rng.normal(size=(n, 50))).float().requires_grad_()
+    value = linear_cka(x, y)
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(y.grad, torch.zeros_like(y))
+    # The same through the RBF kernel: all distances are exactly 0, the centred Gram exactly 0.
+    x.grad = y.grad = None
+    value = cka(gram_rbf(x, sigma=1.0), gram_rbf(y))
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(y.grad, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("n,p", [(8, 5), (64, 1000)])
+def test_uncentred_cka_of_an_all_zero_input_is_zero_with_zero_gradient(rng, n, p):
+    x = torch.zeros(n, p, requires_grad=True)
+    y = t64(rng.normal(size=(n, 50))).float().requires_grad_()
+    value = linear_cka(x, y, centered=False)
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(y.grad, torch.zeros_like(y))
+
+
+def test_uncentred_cka_of_a_nonzero_constant_input_is_the_cosine_of_the_grams(rng):
+    # Uncentred, a constant representation is not degenerate: its Gram is c 11^T.
+    x, y = np.full((10, 4), 3.0), rng.normal(size=(10, 6)) + 2.0
+    expected = np_cka_gram_form(x @ x.T, y @ y.T, centered=False)
+    assert linear_cka(t64(x).float(), t64(y).float(), centered=False).item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_autocast_inputs_are_computed_in_float32(rng):
     x, y = rng.normal(size=(32, 64)), rng.normal(size=(32, 16))
     expected = np_linear_cka_feature_form(x, y)
@@ -263,3 +364,19 @@ def test_mismatched_shapes_are_clear_errors():
         linear_cka(torch.randn(5), torch.randn(5))
     with pytest.raises(ValueError, match="n >= 4"):
         hsic(torch.eye(3), torch.eye(3), unbiased=True)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_cka_and_gradient_equals_cka_and_its_autograd_gradient(rng, centered):
+    from common.cka import cka_and_gradient
+
+    x, y = t64(rng.normal(size=(3, 9, 5)) + 2.0), t64(rng.normal(size=(3, 9, 4)))
+    k, l = gram_linear(x).requires_grad_(), gram_linear(y)
+    value = cka(k, l, centered=centered)
+    (grad,) = torch.autograd.grad(value.sum(), k)
+    got_value, got_grad = cka_and_gradient(k.detach(), l, centered)
+    torch.testing.assert_close(got_value, value.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got_grad, grad, rtol=1e-10, atol=1e-14)
+    # A zero side: value 0 and gradient exactly 0, as cka.
+    zero_value, zero_grad = cka_and_gradient(torch.zeros_like(k.detach()), l, centered)
+    assert torch.equal(zero_value, torch.zeros(3, dtype=torch.float64)) and torch.equal(zero_grad, torch.zeros_like(zero_grad))

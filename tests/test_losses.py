@@ -98,6 +98,9 @@ def test_pcka_errors_name_the_level_and_the_fix():
         loss(feats_s=[torch.randn(2, 8, 64, 64)], feats_t=[torch.randn(2, 8, 32, 32)])
     with pytest.raises(ValueError, match="at least 2"):
         loss(feats_s=[torch.randn(2, 8, 7, 10)], feats_t=[torch.randn(2, 8, 7, 10)])
+    for centered in (True, False):  # uncentred too: the message names patches and the level
+        with pytest.raises(ValueError, match=r"level 0: a \(7, 10\) map gives 1 patch of 16x16.*at least 2 patches"):
+            PCKALoss(patch_size=16, centered=centered)(feats_s=[torch.randn(2, 8, 7, 10)], feats_t=[torch.randn(2, 8, 7, 10)])
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         loss(feats_s=[torch.randn(2, 8, 32)], feats_t=[torch.randn(2, 8, 32)])
     with pytest.raises(ValueError, match="2 student and 1 teacher"):
@@ -422,7 +425,7 @@ def test_every_method_builds_a_loss_called_with_the_same_keywords():
     target = torch.randint(0, 10, (16,))
     settings = dict(kd_temperature=4.0, kd_weight=0.9, dkd_alpha=1.0, dkd_beta=8.0, dkd_temperature=4.0, dkd_warmup=20,
                     fcka_weight=1.0, lcka_intra_weight=15.0, lcka_inter_weight=15.0, cka_centered=False,
-                    lcka_row_norm=True, fcka_form="sp")
+                    lcka_row_norm=True, fcka_form="sp", cka_batch="local")
     expected_terms = {"ce": None, "kd": {"kd"}, "dkd": {"tckd", "nckd"}, "fcka": {"fcka"},
                       "lcka": {"lcka_intra", "lcka_inter"}, "rcka": {"fcka", "lcka_intra", "lcka_inter"}}
     assert set(METHODS) == set(expected_terms)
@@ -443,7 +446,7 @@ def test_built_rcka_takes_the_variants_it_is_given():
 
     from common.losses import build_distillation_loss
     settings = dict(fcka_weight=1.0, lcka_intra_weight=15.0, lcka_inter_weight=15.0, cka_centered=False,
-                    lcka_row_norm=True, fcka_form="sp")
+                    lcka_row_norm=True, fcka_form="sp", cka_batch="local")
     loss = build_distillation_loss("rcka", settings)
     assert (loss.centered, loss.logit_row_norm, loss.feature_form) == (False, True, "sp")
     loss = build_distillation_loss("rcka", Namespace(**{**settings, "lcka_row_norm": False, "fcka_form": "gram"}))

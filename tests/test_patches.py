@@ -1,9 +1,11 @@
-"""common.patches.patchify: layout, resizing, errors."""
+"""common.patches: patchify (layout, resizing, errors) and patch_cka (PCKA's fused per-channel CKA)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common.patches import patch_grid, patchify
+import common.patches as patches_module
+from common.cka import linear_cka
+from common.patches import patch_cka, patch_grid, patchify
 
 
 def slow_patchify(feat, p):
@@ -44,3 +46,61 @@ def test_patchify_rejects_wrong_rank_and_patch_size():
         patchify(torch.randn(3, 16, 16), 16)
     with pytest.raises(ValueError, match="positive"):
         patchify(torch.randn(1, 1, 16, 16), 0)
+
+
+# ---------------------------------------------------------------- patch_cka: PCKA's fused per-channel CKA
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """A few channels per chunk, so the tests go through several chunks as the real levels do."""
+    monkeypatch.setattr(patches_module, "CPU_CHUNK_ELEMENTS", 400)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 13, 19), (3, 4, 8, 16)])  # resized, and already on the grid
+def test_patch_cka_equals_linear_cka_of_the_patches_with_the_same_gradient(small_chunks, centered, shape):
+    gen = torch.Generator().manual_seed(0)
+    fs = torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+    ft = 0.5 * fs.detach() + torch.randn(*shape, generator=gen, dtype=torch.float64)
+    assert len(patches_module._channel_chunks(fs, 4)) > 1
+    got = patch_cka(fs, ft, 4, centered)
+    expected = linear_cka(patchify(fs, 4), patchify(ft, 4), centered=centered)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(shape[1], generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((got * weights).sum(), fs)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), fs)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a: patch_cka(a, ft, 4, centered), (fs,))
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e4])
+@pytest.mark.parametrize("centered", [True, False])
+def test_patch_cka_of_offset_maps_in_float32_matches_float64(small_chunks, offset, centered):
+    gen = torch.Generator().manual_seed(1)
+    fs = torch.randn(2, 6, 20, 28, generator=gen, dtype=torch.float64)
+    ft = fs + torch.randn(fs.shape, generator=gen, dtype=torch.float64)
+    fs32, ft32 = (fs + offset).float(), (ft - offset / 2).float()
+    expected = linear_cka(patchify(fs32.double(), 8), patchify(ft32.double(), 8), centered=centered)
+    torch.testing.assert_close(patch_cka(fs32, ft32, 8, centered).double(), expected, rtol=0, atol=1e-4)
+
+
+def test_patch_cka_of_a_constant_channel_is_zero_with_exactly_zero_gradient(small_chunks):
+    gen = torch.Generator().manual_seed(2)
+    fs = torch.randn(2, 4, 16, 24, generator=gen)
+    fs[:, 1] = 3.7  # centred, a constant channel has no defined CKA
+    fs.requires_grad_()
+    value = patch_cka(fs, torch.randn(fs.shape, generator=gen), 8)
+    value.sum().backward()
+    assert value[1].item() == 0.0
+    assert torch.equal(fs.grad[:, 1], torch.zeros_like(fs.grad[:, 1]))
+    assert fs.grad[:, 0].abs().sum() > 0
+
+
+def test_patch_cka_keeps_the_input_dtype_for_the_gradient_and_sends_none_to_the_teacher():
+    fs = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16, requires_grad=True)
+    ft = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16, requires_grad=True)
+    value = patch_cka(fs, ft, 8)
+    assert value.dtype == torch.float32
+    value.sum().backward()
+    assert fs.grad.dtype == torch.bfloat16 and ft.grad is None
