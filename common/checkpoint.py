@@ -314,3 +314,26 @@ def _show(items: list[str]) -> str:
 def _as_number(value: Any) -> Any:
     # Older zoo files store the accuracy as a 0-d tensor.
     return value.item() if torch.is_tensor(value) and value.numel() == 1 else value
+
+
+def save_training_state(path: str | os.PathLike, *, model: nn.Module, criterion: nn.Module | None,
+                        optimizer: torch.optim.Optimizer, lr_scheduler: Any, epoch: int, best_acc1: float,
+                        best_epoch: int, identity: Mapping[str, Any]) -> None:
+    """checkpoint.pth of a classification run, atomically: everything a resume needs to continue bit for bit (the
+    loss's own state too, for a loss with parameters) and the run's identity, which a resume checks."""
+    save_atomic({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "criterion": criterion.state_dict() if criterion is not None else {},
+                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "best_acc1": best_acc1,
+                 "best_epoch": best_epoch, "rng": rng_state(), "identity": dict(identity)}, path)
+
+
+def restore_training_state(checkpoint: Mapping[str, Any], *, model: nn.Module, criterion: nn.Module | None,
+                           optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> tuple[int, float, int]:
+    """Load what ``save_training_state`` wrote (RNG states included); returns (start epoch, best top-1, its epoch)."""
+    unwrap_model(model).load_state_dict(checkpoint["model"])
+    if criterion is not None and checkpoint.get("criterion"):
+        criterion.load_state_dict(checkpoint["criterion"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["epoch"] + 1, checkpoint["best_acc1"], checkpoint["best_epoch"]

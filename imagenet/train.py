@@ -25,10 +25,9 @@ from common.cli import UsageError, resolve_device, run_command
 from common.checkpoint import (
     CheckpointError,
     load_zoo_weights,
-    rng_state,
-    save_atomic,
+    restore_training_state,
+    save_training_state,
     save_zoo_weights,
-    set_rng_state,
 )
 from common.evaluation import evaluate_classifier, state_dict_sha256
 from common.features import FeatureTaps
@@ -433,13 +432,8 @@ def train(args, cfg, info, run, identity, classes, teacher, teacher_path, teache
     # ------------------------------------------------------------ resume
     start_epoch, best_acc1, best_epoch = 0, 0.0, -1
     if checkpoint is not None:
-        student.load_state_dict(checkpoint["model"])
-        if criterion is not None and checkpoint.get("criterion"):
-            criterion.load_state_dict(checkpoint["criterion"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        start_epoch, best_acc1, best_epoch = checkpoint["epoch"] + 1, checkpoint["best_acc1"], checkpoint["best_epoch"]
-        set_rng_state(checkpoint["rng"])
+        start_epoch, best_acc1, best_epoch = restore_training_state(
+            checkpoint, model=student, criterion=criterion, optimizer=optimizer, lr_scheduler=lr_scheduler)
         if dist.is_main_process():
             run.repair_log(start_epoch)
         dist.print_main(f"resumed from {args.resume or run.checkpoint} at epoch {start_epoch}/{args.epochs} (best "
@@ -466,10 +460,9 @@ def train(args, cfg, info, run, identity, classes, teacher, teacher_path, teache
                "best_acc1": best_acc1, "epoch_time": time.time() - start}
         if dist.is_main_process():
             run.append_log(log)
-            save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                         "criterion": criterion.state_dict() if criterion is not None else {},
-                         "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "best_acc1": best_acc1,
-                         "best_epoch": best_epoch, "rng": rng_state(), "identity": identity}, run.checkpoint)
+            save_training_state(run.checkpoint, model=student, criterion=criterion, optimizer=optimizer,
+                                lr_scheduler=lr_scheduler, epoch=epoch, best_acc1=best_acc1, best_epoch=best_epoch,
+                                identity=identity)
         dist.print_main(f"epoch {epoch}: val top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f} "
                         f"(best {best_acc1:.2f} at {best_epoch}), {log['epoch_time']:.0f}s")
 

@@ -179,3 +179,32 @@ def test_failed_save_of_an_unpicklable_object_leaves_nothing_behind(tmp_path):
     with pytest.raises(TypeError, match="pickle"):
         save_atomic({"lock": threading.Lock()}, tmp_path / "x.pth")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_state_round_trip_restores_everything_a_resume_needs(tmp_path):
+    from common.checkpoint import restore_training_state, save_training_state
+
+    torch.manual_seed(0)
+    model, criterion = small_net(), nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(list(model.parameters()) + list(criterion.parameters()), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[1], gamma=0.1)
+    model(torch.randn(4, 3, 3, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    save_training_state(tmp_path / "checkpoint.pth", model=model, criterion=criterion, optimizer=optimizer,
+                        lr_scheduler=scheduler, epoch=3, best_acc1=42.0, best_epoch=2, identity={"seed": 0})
+    expected_draw = torch.rand(3)
+    fresh_model, fresh_criterion = small_net(), nn.Linear(2, 2)
+    fresh_optimizer = torch.optim.SGD(list(fresh_model.parameters()) + list(fresh_criterion.parameters()), lr=0.1,
+                                      momentum=0.9)
+    fresh_scheduler = torch.optim.lr_scheduler.MultiStepLR(fresh_optimizer, milestones=[1], gamma=0.1)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert checkpoint["identity"] == {"seed": 0}
+    assert restore_training_state(checkpoint, model=fresh_model, criterion=fresh_criterion, optimizer=fresh_optimizer,
+                                  lr_scheduler=fresh_scheduler) == (4, 42.0, 2)
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the saved run was
+    for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(criterion.weight, fresh_criterion.weight)
+    assert fresh_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
