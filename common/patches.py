@@ -107,17 +107,19 @@ class _PatchCKA(torch.autograd.Function):
         chunks = _channel_chunks(fs, patch_size)
         b, c, h, w = fs.shape
         n = math.prod(patch_grid(h, w, patch_size))
-        values, grad_grams, gram_t = fs.new_empty(c), fs.new_empty(c, n, n), fs.new_empty(c, n, n)
+        gram_s, gram_t = fs.new_empty(c, n, n), fs.new_empty(c, n, n)
         rows_s = []
         with _no_autocast(fs):
             for chunk in chunks:
                 xs = _patch_rows(fs[:, chunk], patch_size, centered)
                 xt = _patch_rows(ft[:, chunk], patch_size, centered)
-                gram_s = torch.bmm(xs, xs.transpose(1, 2), out=grad_grams[chunk])  # overwritten just below
+                torch.bmm(xs, xs.transpose(1, 2), out=gram_s[chunk])
                 torch.bmm(xt, xt.transpose(1, 2), out=gram_t[chunk])
-                # Per chunk, while the chunk's Grams are in cache; it centres them (see _patch_rows).
-                values[chunk], grad_grams[chunk] = cka_and_gradient(gram_s, gram_t[chunk], centered)
                 rows_s.append(xs)
+            # Once per level: its ~20 small ops per call cost more, called per chunk, than the
+            # Grams' trip back through cache (the Grams are n x n, a few MiB for a whole level).
+            # It centres the Grams when centred (see _patch_rows).
+            values, grad_grams = cka_and_gradient(gram_s, gram_t, centered)
         ctx.patch_size, ctx.chunks, ctx.in_shape, ctx.in_dtype = patch_size, chunks, fs.shape, feat_s.dtype
         ctx.save_for_backward(grad_grams, *rows_s)
         return values
@@ -162,7 +164,7 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
     and on CPU those are mmap-ed and page-faulted afresh; together they cost several times the
     matmuls. Here each chunk of channels goes resize -> (copy + centre) -> Gram while it sits in
     cache, the CKA and its gradient with respect to each Gram are formed in closed form in forward
-    (``cka_and_gradient``, O(n^2) per channel, on the chunk's Grams while they are in cache), and
+    (``cka_and_gradient``, O(n^2) per channel, once for the level's Grams), and
     backward is the one matmul ``2 G X`` per chunk followed by the resize's backward on a
     channels-last gradient. Memory: the student's patch rows are kept from forward to backward, as
     autograd would keep them; nothing level-sized is allocated besides them and the input gradient.
