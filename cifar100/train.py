@@ -338,16 +338,9 @@ def main(args: argparse.Namespace) -> dict:
         dist.print_main("derived settings: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
         for key, (old, new) in decision.extended.items():
             dist.print_main(f"--{key} changed from {old} to {new}: training on from the last checkpoint")
-        try:
+        with run.recording(main_process=dist.is_main_process()):
             return train(args, cfg, info, run, identity, teacher, teacher_path, teacher_sha256, teacher_meta,
                          checkpoint)
-        except BaseException as err:
-            if dist.is_main_process():
-                if isinstance(err, KeyboardInterrupt):
-                    run.record("interrupted")
-                elif not isinstance(err, SystemExit):
-                    run.record("failed", message=f"{type(err).__name__}: {err}")
-            raise
     finally:
         dist.cleanup()
 

@@ -328,24 +328,17 @@ def main(args: argparse.Namespace) -> dict:
         return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else {}
     if decision.state == "finished":
         summary = folder.read_done()
-        print(f"{folder.path} is finished (AP {summary.get('AP')}); delete {folder.done_file.name} to train again. "
-              f"Nothing to do.")
+        ap = f"AP {summary['AP']:.1f}" if isinstance(summary.get("AP"), (int, float)) else "no AP recorded"
+        print(f"{folder.path} is finished ({ap}); delete {folder.done_file.name} to train again. Nothing to do.")
         return summary
     main_machine = machine_rank == 0  # every machine runs main(); one writes the run's record
     if main_machine:
         folder.start(identity, args, decision)
     if (folder.path / D2_LAST_CHECKPOINT).is_file():
         print(f"resuming {folder.path} from its last checkpoint")
-    try:
+    with folder.recording(main_process=main_machine):
         launch(run, args.num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
                args=(args, identity))
-    except BaseException as err:
-        if main_machine:
-            if isinstance(err, KeyboardInterrupt):
-                folder.record("interrupted")
-            elif not isinstance(err, SystemExit):
-                folder.record("failed", message=f"{type(err).__name__}: {err}")
-        raise
     return folder.read_done() or {}
 
 

@@ -19,6 +19,7 @@ for more epochs at the start.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -28,7 +29,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from common.checkpoint import atomic_write
 from common.logging import append_jsonl, read_jsonl, write_json_atomic
@@ -244,6 +245,21 @@ class RunFolder:
                     extended={k: list(v) for k, v in decision.extended.items()} or None,
                     argv=metadata["argv"], git_commit=metadata["git_commit"], hostname=metadata["hostname"],
                     world_size=metadata["world_size"])
+
+    @contextlib.contextmanager
+    def recording(self, main_process: bool = True) -> Iterator[None]:
+        """Around a run's training: an exception is recorded in invocations.jsonl as "failed" with its message
+        (Ctrl-C as "interrupted") before it propagates, so reports and status tell a failed run from a running one.
+        Only the main process writes."""
+        try:
+            yield
+        except BaseException as err:
+            if main_process and not isinstance(err, SystemExit):
+                if isinstance(err, KeyboardInterrupt):
+                    self.record("interrupted")
+                else:
+                    self.record("failed", message=f"{type(err).__name__}: {err}")
+            raise
 
     def record(self, event: str, **details: Any) -> None:
         """One line in invocations.jsonl: start, finished, failed (with its message), interrupted."""

@@ -361,8 +361,11 @@ def main(args: argparse.Namespace) -> dict:
                              f"more, or another --output_dir for a shorter run.")
         if decision.state == "finished":
             summary = run.read_done()
-            dist.print_main(f"{run.path} is finished (last top-1 {summary.get('last_acc1')}, best "
-                            f"{summary.get('best_acc1')}); delete {run.done_file.name} to train again. Nothing to do.")
+            scores = ", ".join(f"{name} {summary[key]:.2f}" for name, key in (("last top-1", "last_acc1"),
+                               ("last top-5", "last_acc5"), ("best top-1", "best_acc1"))
+                               if isinstance(summary.get(key), (int, float)))
+            dist.print_main(f"{run.path} is finished ({scores}); delete {run.done_file.name} to train again. "
+                            f"Nothing to do.")
             return summary
         if dist.is_main_process():
             run.start(identity, args, decision, extra={"derived": cfg})
@@ -371,16 +374,9 @@ def main(args: argparse.Namespace) -> dict:
         dist.print_main("derived settings: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
         for key, (old, new) in decision.extended.items():
             dist.print_main(f"--{key} changed from {old} to {new}: training on from the last checkpoint")
-        try:
+        with run.recording(main_process=dist.is_main_process()):
             return train(args, cfg, info, run, identity, classes, teacher, teacher_path, teacher_sha256,
                          teacher_meta, checkpoint)
-        except BaseException as err:
-            if dist.is_main_process():
-                if isinstance(err, KeyboardInterrupt):
-                    run.record("interrupted")
-                elif not isinstance(err, SystemExit):
-                    run.record("failed", message=f"{type(err).__name__}: {err}")
-            raise
     finally:
         dist.cleanup()
 
