@@ -112,6 +112,9 @@ FLAG_CASES = {
     "device_cuda_without_gpu": (["--device", "cuda"], 1, [r"--device cuda", r"no usable CUDA GPU", r"--device cpu"]),
     "fcka_stages_bad": (["--fcka_stages", "7"], 1, [r"--fcka_stages '7'", r"stages are", r"'-1'"]),
     "unknown_architecture": (["--student", "resnet21"], 2, [r"resnet21", r"resnet20", r"wrn_40_2"]),
+    "cka_batch_unknown": (["--cka_batch", "world"], 2, [r"--cka_batch", r"'world'", r"'local', 'global'"]),
+    "fcka_form_unknown": (["--fcka_form", "cosine"], 2, [r"--fcka_form", r"'cosine'", r"'sp', 'gram'"]),
+    "dkd_beta_negative": (["--dkd_beta", "-1"], 1, [r"--dkd_beta -1", r">= 0"]),
     "missing_teacher_ckpt": (["--teacher_ckpt", "{out}/nothing.pth"], 1, [r"nothing.pth", r"not a file"]),
 }
 
