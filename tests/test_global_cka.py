@@ -79,11 +79,15 @@ x, student, logits_t, feats_t = problem()
 for cka_batch in ("global", "local"):
     ddp = torch.nn.parallel.DistributedDataParallel(problem()[1])
     out[cka_batch] = rcka_step(ddp, x[mine], logits_t[mine], [f[mine] for f in feats_t], cka_batch)
+    # A DDP reducer that outlives the process group can abort the process at exit ("terminate called
+    # without an active exception"), seen once in CI: release it before the group goes.
+    del ddp
 
 everyone = [None] * world
 dist.all_gather_object(everyone, out)
 if rank == 0:
-    print("RESULT " + json.dumps(everyone))
+    print("RESULT " + json.dumps(everyone), flush=True)
+dist.barrier()
 cleanup()
 """
 
