@@ -4,14 +4,46 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 
 class UsageError(ValueError):
     """Flags that do not fit together or cannot work here; the message says which and what to pass instead."""
+
+
+# Loss weights of the classification tasks' shared flags: each must be a finite value >= 0 (None: the task's default).
+WEIGHT_FLAGS = ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "fcka_weight", "lcka_intra_weight",
+                "lcka_inter_weight")
+
+
+def check_flags(args: argparse.Namespace, task_checks: Iterable[tuple[bool, str]] = ()) -> None:
+    """Flags that are wrong on their own, caught before anything is loaded: the recipe and loss flags every
+    classification task shares, then the task's own ``(ok, message)`` checks. The first failure is a UsageError."""
+    checks = [
+        (args.epochs >= 1, f"--epochs {args.epochs}: train at least 1 epoch"),
+        (args.batch_size >= 2, f"--batch_size {args.batch_size}: CKA needs at least 2 samples per batch"),
+        (args.lr is None or (math.isfinite(args.lr) and args.lr > 0), f"--lr {args.lr}: pass a positive learning rate"),
+        (args.momentum >= 0, f"--momentum {args.momentum}: pass a value >= 0"),
+        (args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: pass a value >= 0"),
+        (args.lr_decay_rate > 0, f"--lr_decay_rate {args.lr_decay_rate}: pass a positive factor"),
+        (all(e >= 1 for e in args.lr_decay_epochs) and list(args.lr_decay_epochs) == sorted(args.lr_decay_epochs),
+         f"--lr_decay_epochs {args.lr_decay_epochs}: pass increasing epochs >= 1"),
+        (0 <= args.seed < 2**32, f"--seed {args.seed}: pass an integer in [0, 2**32)"),
+        (args.print_freq >= 1, f"--print_freq {args.print_freq}: pass a number of iterations >= 1"),
+        (args.num_workers >= 0, f"--num_workers {args.num_workers}: pass 0 (load in the main process) or more"),
+        (args.kd_temperature > 0 and args.dkd_temperature > 0, "--kd_temperature / --dkd_temperature: must be > 0"),
+        (args.dkd_warmup >= 0, f"--dkd_warmup {args.dkd_warmup}: pass a number of epochs >= 0"),
+    ]
+    for name in WEIGHT_FLAGS:
+        value = getattr(args, name)
+        checks.append((value is None or (math.isfinite(value) and value >= 0), f"--{name} {value}: pass a value >= 0"))
+    for ok, message in [*checks, *task_checks]:
+        if not ok:
+            raise UsageError(message + ".")
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import dist
-from common.cli import UsageError, resolve_device, run_command
+from common.cli import UsageError, check_flags, resolve_device, run_command
 from common.checkpoint import (
     CheckpointError,
     load_zoo_weights,
@@ -191,34 +191,14 @@ def resolved_method(args: argparse.Namespace) -> str:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Flags that are wrong on their own, caught before anything is loaded."""
-    checks = [
-        (args.epochs >= 1, f"--epochs {args.epochs}: train at least 1 epoch"),
-        (args.batch_size >= 2, f"--batch_size {args.batch_size}: CKA needs at least 2 samples per batch"),
-        (args.lr is None or (math.isfinite(args.lr) and args.lr > 0), f"--lr {args.lr}: pass a positive learning rate"),
-        (args.momentum >= 0, f"--momentum {args.momentum}: pass a value >= 0"),
-        (args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: pass a value >= 0"),
-        (args.lr_decay_rate > 0, f"--lr_decay_rate {args.lr_decay_rate}: pass a positive factor"),
-        (all(e >= 1 for e in args.lr_decay_epochs) and list(args.lr_decay_epochs) == sorted(args.lr_decay_epochs),
-         f"--lr_decay_epochs {args.lr_decay_epochs}: pass increasing epochs >= 1"),
-        (0 <= args.seed < 2**32, f"--seed {args.seed}: pass an integer in [0, 2**32)"),
+    check_flags(args, [
         (args.subset is None or args.subset >= 1, f"--subset {args.subset}: pass a number of images per class >= 1"),
         (args.num_classes >= 2, f"--num_classes {args.num_classes}: pass 2 or more"),
         (min(args.train_crop_size, args.val_crop_size) >= 16, "--train_crop_size / --val_crop_size: pass 16 or more"),
         (args.val_resize_size >= args.val_crop_size,
          f"--val_resize_size {args.val_resize_size} must be >= --val_crop_size {args.val_crop_size}"),
-        (args.print_freq >= 1, f"--print_freq {args.print_freq}: pass a number of iterations >= 1"),
-        (args.num_workers >= 0, f"--num_workers {args.num_workers}: pass 0 (load in the main process) or more"),
         (args.val_batch_size >= 1, f"--val_batch_size {args.val_batch_size}: pass 1 or more"),
-        (args.kd_temperature > 0 and args.dkd_temperature > 0, "--kd_temperature / --dkd_temperature: must be > 0"),
-        (args.dkd_warmup >= 0, f"--dkd_warmup {args.dkd_warmup}: pass a number of epochs >= 0"),
-    ]
-    for name in ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "fcka_weight", "lcka_intra_weight",
-                 "lcka_inter_weight"):
-        value = getattr(args, name)
-        checks.append((value is None or (math.isfinite(value) and value >= 0), f"--{name} {value}: pass a value >= 0"))
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message + ".")
+    ])
     method = resolved_method(args)
     if method != "ce" and not args.teacher:
         raise UsageError(f"--method {method} distils from a teacher: pass --teacher resnet34 or resnet50 (or use "
