@@ -81,7 +81,7 @@ def progress(record: RunRecord) -> str | None:
 
 
 def describe(record: RunRecord) -> str:
-    identity = record.identity or (record.summary or {}).get("identity") or {}
+    identity = record.identity or {}
     config = Path(identity.get("config_file", "?")).stem
     return f"{config}, {identity.get('method', '?')}, seed {identity.get('seed', '?')}"
 
@@ -91,7 +91,7 @@ def summarize(records: list[RunRecord], results: list[dict]) -> list[dict[str, A
     rows = []
     for runs in group_finished(records):
         summary = runs[0].summary
-        identity = runs[0].identity or summary.get("identity") or {}
+        identity = runs[0].identity or {}
         row = {"config": summary["config"], "method": summary["method"], "iterations": summary["iterations"],
                "config_sha256": identity.get("config_sha256"), "paths": [str(r.path) for r in runs],
                **summarize_metrics(runs, METRICS)}

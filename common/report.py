@@ -57,7 +57,7 @@ def read_task_runs(runs_dir: str | Path, task: str, required: Sequence[str],
     corrupt), a finished run whose done.json lacks a ``required`` key or a ``finite`` metric marked corrupt."""
     records = []
     for record in find_runs(runs_dir):
-        identity = record.identity or (record.summary or {}).get("identity") or record.summary or {}
+        identity = record.identity or record.summary or {}
         if record.state != "corrupt" and identity.get("task", task) != task:
             continue
         why = invalid_summary(record, required, finite) if record.state == "done" else None
@@ -101,7 +101,7 @@ def group_finished(records: Iterable[RunRecord]) -> list[list[RunRecord]]:
     for record in records:
         if record.state != "done":
             continue
-        identity = {k: v for k, v in (record.identity or record.summary.get("identity") or {}).items() if k != "seed"}
+        identity = {k: v for k, v in (record.identity or {}).items() if k != "seed"}
         identity["epochs"] = record.epochs
         groups.setdefault(repr(sorted(identity.items(), key=lambda kv: kv[0])), []).append(record)
     return [sorted(runs, key=lambda r: (r.summary.get("seed", 0), str(r.path))) for _, runs in sorted(groups.items())]

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from common.checkpoint import atomic_write
-from common.logging import append_jsonl, read_jsonl, write_json_atomic
+from common.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from common.logging import append_jsonl, read_jsonl, run_metadata, write_json_atomic
 
 ARGS_FILE = "args.json"
 HISTORY_FILE = "invocations.jsonl"
@@ -203,15 +203,15 @@ class RunFolder:
                     f"version (or its record was deleted), so it cannot be resumed safely. Pass another "
                     f"--output_dir, or delete {self.path} to start over.")
             return Decision("new")
-        differences = identity_differences(stored, identity, ignore=extendable)
+        changed = identity_differences(stored, identity)
+        differences = [d for d in changed if d[0] not in extendable]
         if differences:
             lines = "\n".join(f"  {key}: {old!r} there, {new!r} now" for key, old, new in differences)
             raise RunConflictError(
                 f"{self.path} holds a run with other settings:\n{lines}\nEither leave out --output_dir (every "
                 f"setting gets its own default folder), or pass a new --output_dir; to redo that run from "
                 f"scratch, delete {self.path}.")
-        extended = {key: (old, new) for key, old, new in identity_differences(stored, identity)
-                    if key in extendable}
+        extended = {key: (old, new) for key, old, new in changed if key in extendable}
         done = self.read_done()
         epochs = identity.get("epochs")
         trained = (done or {}).get("epochs")
@@ -219,15 +219,13 @@ class RunFolder:
             raise RunConflictError(
                 f"{self.path} has already trained {trained} epochs; --epochs {epochs} cannot undo that. Pass "
                 f"--epochs {trained} or more to use this run, or another --output_dir for a shorter one.")
-        if done is not None and (epochs is None or epochs <= done.get("epochs", epochs)):
+        if done is not None and (epochs is None or trained is None or epochs <= trained):
             return Decision("finished")
         return Decision("resume" if (self.checkpoint.exists() or done is not None) else "new", extended)
 
     # ------------------------------------------------------------------------------------------ writing
     def start(self, identity: Mapping, args: Any, decision: Decision, extra: Mapping | None = None) -> None:
         """Create the folder, write args.json if this is the run's first start, and record this invocation."""
-        from common.logging import run_metadata  # torch-dependent; keep this module light to import
-
         self.path.mkdir(parents=True, exist_ok=True)
         metadata = run_metadata(args)
         if decision.state == "resume" and self.done_file.exists():
@@ -304,8 +302,6 @@ class RunFolder:
                         resume: str | os.PathLike | None = None) -> dict | None:
         """The training checkpoint to resume from (``resume``, else this folder's; None where there is none),
         checked to be a training checkpoint of a run with this identity."""
-        from common.checkpoint import CheckpointError, load_checkpoint  # torch-dependent
-
         path = Path(resume) if resume else (self.checkpoint if self.checkpoint.exists() else None)
         if path is None:
             return None
@@ -360,6 +356,8 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     except (RunError, ValueError, OSError) as err:
         return RunRecord(folder.path, "corrupt", detail=str(err))
     if summary is not None:
+        if identity is None and isinstance(summary.get("identity"), dict):
+            identity = summary["identity"]  # done.json repeats it; a folder may have lost its args.json
         return RunRecord(folder.path, "done", identity, summary, epochs_done)
     last_end = next((entry for entry in reversed(history) if entry.get("event") != "start"), None)
     last_start = next((entry for entry in reversed(history) if entry.get("event") == "start"), None)

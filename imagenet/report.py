@@ -74,7 +74,7 @@ def variant_label(identity: dict) -> str:
 
 
 def describe(record: RunRecord) -> str:
-    identity = record.identity or (record.summary or {}).get("identity") or {}
+    identity = record.identity or {}
     student, teacher = identity.get("student", "?"), identity.get("teacher")
     pair = f"{teacher} → {student}" if teacher else student
     return f"{pair}, {identity.get('method', '?')}, seed {identity.get('seed', '?')}"
@@ -86,7 +86,7 @@ def summarize(records: list[RunRecord], results: list[dict] | None = None) -> li
     results = load_paper_results() if results is None else results
     rows = []
     for runs in group_finished(records):
-        identity = runs[0].identity or runs[0].summary.get("identity") or {}
+        identity = runs[0].identity or {}
         teacher, student, method = identity.get("teacher"), identity.get("student"), identity.get("method")
         row = {"teacher": teacher, "student": student, "method": method, "epochs": runs[0].epochs,
                "variant": variant_label(identity) if identity else "", "paths": [str(r.path) for r in runs],
