@@ -117,7 +117,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or the --resume / --teacher flag)")
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+    # IndexError and KeyError: torch's weights-only unpickler fails that way on some random bytes (about 1 file in
+    # 20 of os.urandom), where it reads an opcode's stack or memo that the garbage never set up.
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:
         raise _explain_load_error(path, err, weights_only) from err
 
 

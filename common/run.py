@@ -139,7 +139,6 @@ class RunFolder:
         self.last_weights = self.path / LAST_WEIGHTS_FILE
         self.teacher_eval_file = self.path / TEACHER_EVAL_FILE
         self.done_file = self.path / DONE_FILE
-        self.slurm_job_file = self.path / SLURM_JOB_FILE
 
     # ------------------------------------------------------------------------------------------ reading
     def read_identity(self) -> dict | None:
