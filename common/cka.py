@@ -13,9 +13,10 @@ Numerics, in one place:
   * Centre before any product. Centring the Gram ``X X^T`` after forming it from uncentred X
     loses about eps * (mean/std)^2 of relative precision (float32, columns offset by 1e4 with
     std 1: CKA -0.06 for a true 0.74), and logits or post-ReLU features are not zero-mean. So
-    every path that centres centres the columns of X first (``center_columns``, O(np), small
-    next to the O(n^2 p) Gram), and RBF distances are taken between centred samples. The Gram
-    is centred once more afterwards (O(n^2)), which removes the rounding left in the means.
+    every path that centres removes the offset from X first, O(np), small next to the O(n^2 p)
+    Gram: the feature form and the RBF distances centre the columns (``center_columns``); the
+    Gram form only subtracts one sample, as the Gram is centred afterwards anyway (O(n^2)),
+    which finishes the centring and costs the same precision as zero-mean data.
     ``cka(K, L)`` on Gram matrices you built yourself can only centre the Grams: for offset
     data, pass ``gram_linear(center_columns(x))`` or use ``linear_cka``.
   * CKA is invariant to isotropic scaling, so each (centred) representation / Gram matrix is
@@ -24,8 +25,9 @@ Numerics, in one place:
     for large flattened features.
   * The only epsilon is ``EPS`` in ``_normalised_inner``. After the rescaling a non-zero matrix
     has squared norm >= 1, so the test ``< EPS`` catches exactly the zero ones: a constant
-    representation, which ``center_columns`` turns into exact zeros (it subtracts a sample
-    before the mean, so no rounding is left to amplify), or an all-zero one when uncentred. Its
+    representation, which subtracting a sample turns into exact zeros (``center_columns`` does
+    that before taking the mean, so no rounding is left to amplify), or an all-zero one when
+    uncentred. Its
     CKA is undefined; we return 0 with exactly zero gradient (``torch.where``, so no
     1/sqrt(EPS)-sized factor reaches the other side), instead of NaN.
 
@@ -50,6 +52,7 @@ __all__ = [
     "hsic",
     "cka",
     "cka_and_gradient",
+    "cka_and_gradient_",
     "linear_cka",
 ]
 
@@ -288,25 +291,55 @@ def cka_and_gradient(k: Tensor, l: Tensor, centered: bool = True) -> tuple[Tenso
     """``cka(k, l, centered)`` and its gradient with respect to k, in closed form and without a graph.
 
     For hand-written backward passes that go through many small Grams at once (PCKA's fused op in
-    ``common.patches``). With K~ = HKH (or K), c = <K~, L~> / (|K~| |L~|):
-    ``dc/dK = H (L~ / (|K~| |L~|) - c K~ / |K~|^2) H``, computed after the same rescaling as
-    ``cka`` (so it cannot overflow) and exactly 0 where ``cka`` is 0 for a zero side.
+    ``common.patches``, which calls ``cka_and_gradient_`` on its own buffer). With K~ = HKH (or K),
+    c = <K~, L~> / (|K~| |L~|): ``dc/dK = H (L~ / (|K~| |L~|) - c K~ / |K~|^2) H``, computed after
+    the same rescaling as ``cka`` (so it cannot overflow) and exactly 0 where ``cka`` is 0 for a
+    zero side. k and l are Gram matrices (positive semi-definite); they are not modified.
     """
     _check_pair(k, l)
     k, l = _promote(k), _promote(l)
-    with torch.no_grad(), _no_autocast(k):
+    grams = torch.stack([k, l.to(k.dtype)])
+    return cka_and_gradient_(grams, centered)
+
+
+def cka_and_gradient_(grams: Tensor, centered: bool = True) -> tuple[Tensor, Tensor]:
+    """``cka_and_gradient(grams[0], grams[1])`` computed in place in ``grams`` (2, ..., n, n).
+
+    The Grams are overwritten and the gradient is returned as a view of ``grams[1]``. A level of
+    PCKA has hundreds of small Grams, and every temporary the size of that stack costs a pass
+    over memory (on CPU also fresh pages): this makes about five such passes, the textbook
+    expression twenty. Specifically:
+      * The scale of each Gram is its largest diagonal entry, which for a positive semi-definite
+        matrix is its largest |entry| (Cauchy-Schwarz), so no pass is needed to find it.
+      * <K, K>, <K, L> and <L, L> come from one batched 2 x 2 product of the flattened pair.
+      * ``H (.) H`` of the gradient is left out: L~ and K~ are already centred, so it changes
+        only rounding.
+      * A degenerate pair gets exactly zero gradient through zero coefficients (the rescaled
+        Grams are finite), not through a ``where`` over the matrices.
+    """
+    if grams.dim() < 3 or grams.shape[0] != 2:
+        raise ValueError(f"grams must stack two Grams as (2, ..., n, n); got shape {tuple(grams.shape)}.")
+    _check_gram(grams[0], "k")
+    with torch.no_grad(), _no_autocast(grams):
         if centered:
-            k, l = center_gram(k), center_gram(l)
-        scale_k = k.abs().amax(dim=(-2, -1), keepdim=True)
-        scale_k = torch.where(scale_k > 0, scale_k, torch.ones_like(scale_k))
-        k, l = k / scale_k, _rescale(l)
-        kk, ll, kl = (k * k).sum(dim=(-2, -1)), (l * l).sum(dim=(-2, -1)), (k * l).sum(dim=(-2, -1))
-        value = _normalised_inner(kl, kk, ll)
+            # H K H for symmetric K: subtract the row means, then the column means (the row means
+            # transposed) less the grand mean.
+            row_mean = grams.mean(dim=-1, keepdim=True)
+            grams.sub_(row_mean).sub_(row_mean.transpose(-1, -2) - row_mean.mean(dim=-2, keepdim=True))
+        scale = torch.diagonal(grams, dim1=-2, dim2=-1).amax(dim=-1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        grams.div_(scale[..., None, None])
+        n2 = grams.shape[-1] * grams.shape[-2]
+        flat = grams.reshape(2, -1, n2)  # a view: grams is contiguous in its last two dims
+        inner = torch.bmm(flat.transpose(0, 1), flat.permute(1, 2, 0))  # (batch, 2, 2)
+        kk, kl, ll = (inner[:, i, j].reshape(grams.shape[1:-2]) for i, j in ((0, 0), (0, 1), (1, 1)))
+        degenerate = (kk < EPS) | (ll < EPS)
         rk, rl = torch.rsqrt(kk.clamp_min(EPS)), torch.rsqrt(ll.clamp_min(EPS))
-        grad = (l * (rk * rl)[..., None, None] - k * (value * rk * rk)[..., None, None]) / scale_k
-        grad = torch.where(((kk < EPS) | (ll < EPS))[..., None, None], torch.zeros_like(grad), grad)
-        if centered:
-            grad = center_gram(grad)
+        zero = torch.zeros_like(kk)
+        value = torch.where(degenerate, zero, kl * rk * rl)
+        coef_l = torch.where(degenerate, zero, rk * rl / scale[0])
+        coef_k = torch.where(degenerate, zero, -value * rk * rk / scale[0])
+        grad = grams[1].mul_(coef_l[..., None, None]).addcmul_(grams[0], coef_k[..., None, None])
     return value, grad
 
 
@@ -329,14 +362,20 @@ def linear_cka(x: Tensor, y: Tensor, centered: bool = True) -> Tensor:
     if x.dtype != y.dtype:
         x, y = x.double(), y.double()
     n, p, q = x.shape[-2], x.shape[-1], y.shape[-1]
+    if n * (p * q + p * p + q * q) >= n * n * (p + q):
+        # Gram form: rescale the n x n Gram matrices, not the (much larger) n x p features.
+        if centered:
+            # Before the product, subtract one sample: that removes any offset exactly (a
+            # constant representation becomes exact zeros) and leaves numbers of the data's own
+            # spread; ``cka`` then centres the Grams, H (X - 1 x_0^T)(X - 1 x_0^T)^T H = HXX^TH.
+            # One pass over X and none in backward, where a full column centring costs three
+            # and two; for flattened stage features those passes cost as much as the Gram.
+            x, y = x - x[..., :1, :].detach(), y - y[..., :1, :].detach()
+        return cka(gram_linear(x), gram_linear(y), centered=centered)
     if centered:
         # Before any product: see the module docstring (precision for offset inputs, exact zeros
         # for constant ones).
         x, y = center_columns(x), center_columns(y)
-    if n * (p * q + p * p + q * q) >= n * n * (p + q):
-        # Gram form: rescale the n x n Gram matrices, not the (much larger) n x p features.
-        # ``cka`` centres the Grams again, which only removes the rounding left in the means.
-        return cka(gram_linear(x), gram_linear(y), centered=centered)
     with _no_autocast(x):
         x, y = _rescale(x), _rescale(y)
         xt, yt = x.transpose(-1, -2), y.transpose(-1, -2)

@@ -353,6 +353,39 @@ def test_fewer_than_two_samples_is_a_clear_error():
         cka(torch.ones(1, 1), torch.ones(1, 1))
 
 
+def test_cka_and_gradient_of_huge_grams_is_finite_and_exact(rng):
+    # Entries ~1e28: their squares overflow float32. Each Gram is scaled by its largest diagonal
+    # entry (for a PSD matrix, its largest |entry|) before any product.
+    from common.cka import cka_and_gradient
+
+    x, y = t64(rng.normal(size=(4, 7, 5))), t64(rng.normal(size=(4, 7, 3)) + 1.0)
+    k, l = gram_linear(x), gram_linear(y)
+    for centered in (True, False):
+        k64 = k.clone().requires_grad_()
+        expected = cka(k64, l, centered=centered)
+        (grad_expected,) = torch.autograd.grad(expected.sum(), k64)
+        value, grad = cka_and_gradient((k * 1e28).float(), (l * 1e27).float(), centered)
+        assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double() * 1e28, grad_expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cka_and_gradient_in_place_overwrites_the_stack_and_leaves_the_inputs(rng):
+    from common.cka import cka_and_gradient, cka_and_gradient_
+
+    k, l = gram_linear(t64(rng.normal(size=(3, 6, 4)))), gram_linear(t64(rng.normal(size=(3, 6, 2))))
+    k_before, l_before = k.clone(), l.clone()
+    value, grad = cka_and_gradient(k, l, True)
+    assert torch.equal(k, k_before) and torch.equal(l, l_before)
+    grams = torch.stack([k, l])
+    value_, grad_ = cka_and_gradient_(grams, True)
+    assert grad_.data_ptr() == grams[1].data_ptr()
+    torch.testing.assert_close(value_, value, rtol=0, atol=0)
+    torch.testing.assert_close(grad_, grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\(2, \.\.\., n, n\)"):
+        cka_and_gradient_(torch.zeros(3, 4, 4))
+
+
 def test_mismatched_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="same samples"):
         linear_cka(torch.randn(5, 4), torch.randn(6, 4))
