@@ -58,7 +58,8 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("centered", [True, False])
-@pytest.mark.parametrize("shape", [(2, 5, 13, 19), (3, 4, 8, 16)])  # resized, and already on the grid
+# Resized by torch's channels-last kernel (output H + W <= 128), by its NCHW kernel, and already on the grid.
+@pytest.mark.parametrize("shape", [(2, 5, 13, 19), (2, 3, 61, 70), (3, 4, 8, 16)])
 def test_patch_cka_equals_linear_cka_of_the_patches_with_the_same_gradient(small_chunks, centered, shape):
     gen = torch.Generator().manual_seed(0)
     fs = torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
@@ -71,7 +72,25 @@ def test_patch_cka_equals_linear_cka_of_the_patches_with_the_same_gradient(small
     (grad,) = torch.autograd.grad((got * weights).sum(), fs)
     (grad_expected,) = torch.autograd.grad((expected * weights).sum(), fs)
     torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a: patch_cka(a, ft, 4, centered), (fs,))
+    if fs.numel() < 2000:  # numerical Jacobians cost two evaluations per input element
+        assert torch.autograd.gradcheck(lambda a: patch_cka(a, ft, 4, centered), (fs,))
+
+
+@pytest.mark.parametrize("chunk_elements,copy_channels", [(400, 8), (1 << 19, 3), (1 << 19, 8)])
+@pytest.mark.parametrize("size", [(13, 19), (61, 70)])
+def test_patch_cka_is_the_same_whatever_the_chunks_and_copy_groups(monkeypatch, chunk_elements, copy_channels, size):
+    # 11 channels: one chunk of 11 (copied in groups of 3 or 8, the last one short), or 11 chunks of 1.
+    gen = torch.Generator().manual_seed(3)
+    fs = torch.randn(2, 11, *size, generator=gen, dtype=torch.float64).requires_grad_()
+    ft = fs.detach() + torch.randn(fs.shape, generator=gen, dtype=torch.float64)
+    expected = linear_cka(patchify(fs, 4), patchify(ft, 4), centered=False)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), fs)
+    monkeypatch.setattr(patches_module, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(patches_module, "COPY_CHANNELS", copy_channels)
+    got = patch_cka(fs, ft, 4, centered=False)
+    (grad,) = torch.autograd.grad(got.sum(), fs)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("offset", [1e2, 1e4])
