@@ -17,6 +17,14 @@
    that materialises the n x n centring matrix H and always uses the Gram form (compared with the
    centred figure form of ``RCKALoss``); the default (authors') form is timed against KD as well.
 
+Allocator (CPU): both sides allocate their outputs afresh, and glibc serves blocks over 32 MiB,
+and whatever its heap history decides, as new pages, whose faults cost this 2-core VM up to 2 us
+per 4 KiB. So the same command's PCKA time can swing by a third from one process to the next
+(92 to 142 ms seen). ``--keep_freed_memory`` re-runs the script with glibc told to keep freed
+memory (``GLIBC_TUNABLES`` mmap and trim thresholds of 1 and 4 GiB), as PyTorch's CUDA caching
+allocator does: steadier, and harder on the ratio, since the matmul bound loses its page faults
+too (and so does the per-channel loop, which gains the most).
+
 Peak memory: bytes one forward+backward needs beyond the inputs. CUDA: the caching allocator's
 counter. CPU: growth of the resident set's high-water mark over one step, in a fresh process per
 variant (Linux; n/a elsewhere). No profiler runs, so nothing but the results is printed.
@@ -38,6 +46,7 @@ import torch.nn.functional as F
 from common.losses import KDLoss, PCKALoss, RCKALoss
 from common.patches import patchify
 
+KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 FPN_SIZES = [(100, 152), (50, 76), (25, 38), (13, 19)]  # P3-P6 of 800x1216
 STAGES_32X4 = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]  # resnet32x4 and resnet8x4 stages after the stem
 
@@ -196,6 +205,7 @@ def peak_memory(variant, device, threads):
     if not sys.platform.startswith("linux"):
         return None
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    env.pop("GLIBC_TUNABLES", None)  # memory that malloc keeps would hide the step's growth
     child = subprocess.run(
         [sys.executable, __file__, "--peak_child", variant, "--threads", str(threads)],
         capture_output=True, text=True, env=env, check=True,
@@ -217,8 +227,13 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per variant (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--keep_freed_memory", action="store_true",
+                        help="Linux: measure with glibc keeping freed memory, as a caching allocator (see 'Allocator')")
     parser.add_argument("--peak_child", default=None, help=argparse.SUPPRESS)  # internal: CPU peak memory
     args = parser.parse_args()
+    if args.keep_freed_memory and KEEP_FREED_MEMORY not in os.environ.get("GLIBC_TUNABLES", ""):
+        env = os.environ | {"GLIBC_TUNABLES": ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), KEEP_FREED_MEMORY]))}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # the tunables are read at start-up
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak_child:
@@ -252,7 +267,8 @@ def main():
 
     pcka_gap = abs(results["pcka_batched"]["value"] - results["pcka_loop"]["value"])
     print()
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    malloc = "malloc keeps freed memory" if KEEP_FREED_MEMORY in os.environ.get("GLIBC_TUNABLES", "") else "default malloc"
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {malloc}")
     print(f"PCKA  batched / its Gram matmuls alone: {bound_ratio['pcka_batched']:5.2f}x centred, "
           f"{bound_ratio['pcka_uncentred']:5.2f}x uncentred (median of {args.repeats} alternating rounds; target <= 2x)")
     print(f"PCKA  batched vs per-channel loop: {ratio('pcka_loop', 'pcka_batched', 'seconds'):6.1f}x faster, "
