@@ -43,6 +43,12 @@ from common.logging import write_json_atomic
 from common.run import RunConflictError, RunError, RunFolder, file_sha256
 
 TASK = "coco_detection"
+# slurm/launch.py: a bare `launch.py coco_detection` submits Table 3's configs (slurm/sweeps.py, one run each), each
+# on one node of 8 GPUs as the configs' batch of 16 assumes, one SLURM task starting the 8 processes itself
+# (detectron2's launch; the launcher sets --num-gpus to --gpus_per_node). 48 h: a 2x schedule with a teacher; a
+# run that needs longer is requeued at the limit and resumes from its last checkpoint.
+DEFAULT_SWEEP = "table3"
+SLURM_DEFAULTS = {"nodes": 1, "gpus_per_node": 8, "ntasks_per_node": 1, "cpus_per_task": 64, "timeout_min": 48 * 60}
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Files of this task in the run folder, beside common.run's (args.json, invocations.jsonl, done.json) and
 # detectron2's own (config.yaml, metrics.json, model_*.pth, last_checkpoint, inference/).

@@ -6,10 +6,11 @@
     python slurm/launch.py cifar100 --sweep table1 --timeout_min 600 --gpus_per_node 1 --dry_run
     python slurm/launch.py cifar100 --sweep table1 --status                                  # where every run is
     python slurm/launch.py imagenet --sweep table2 --nodes 2 --gpus_per_node 8               # multi-node DDP
+    python slurm/launch.py coco_detection --dry_run      # Table 3's configs; one task per node, --num-gpus = GPUs
 
 Every flag of the task's train.py works as is (this parser extends the task's own). A task module may declare, beside
 its recipe, DEFAULT_SWEEP (the named sweep a command that names no run submits: no --sweep, --pairs, --methods,
---seeds, --teacher, --student, --method, --seed or --output_dir) and SLURM_DEFAULTS (resources for its runs, e.g.
+--seeds, --teacher, --student, --method, --seed, --output_dir or --config-file) and SLURM_DEFAULTS (resources for its runs, e.g.
 {"nodes": 1, "gpus_per_node": 8, "timeout_min": 720}), so `python slurm/launch.py imagenet` alone submits the paper's
 Table 2 RCKA runs on one 8-GPU node each; every flag overrides them, and the launcher prints which defaults it
 applied (--device cpu leaves out the GPU default). SLURM flags that neither the command nor the task sets are not
@@ -201,7 +202,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:
 
 
 # Flags that name which runs to submit: a command with none of them gets the task's DEFAULT_SWEEP.
-RUN_SELECTION = ("sweep", "pairs", "methods", "seeds", "teacher", "student", "method", "seed", "output_dir")
+RUN_SELECTION = ("sweep", "pairs", "methods", "seeds", "teacher", "student", "method", "seed", "output_dir",
+                 "config_file")
 SLURM_RESOURCES = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "mem_gb", "timeout_min", "partition",
                    "account", "qos", "constraint")
 
@@ -226,9 +228,10 @@ def with_task_defaults(task: str, args: argparse.Namespace, argv: Sequence[str] 
     named += sorted(spelled & selection_flags)
     if default_sweep is not None and not named:
         changes["sweep"] = default_sweep
+        how = ("--config-file FILE" if SWEEPS[default_sweep].configs else
+               "--sweep, --pairs, --methods, --seeds or the task's --teacher/--student/--method/--seed")
         notes.append(f"no run named: {task}'s default sweep {default_sweep} ({SWEEPS[default_sweep].help}); name "
-                     f"runs with --sweep, --pairs, --methods, --seeds or the task's --teacher/--student/--method/"
-                     f"--seed")
+                     f"runs with {how}")
     # --device cpu asks for no GPU: the task's GPU default would only make sbatch refuse on a CPU partition.
     cpu_only = getattr(args, "device", None) == "cpu"
     resources = {key: value for key, value in getattr(module, "SLURM_DEFAULTS", {}).items()
@@ -238,7 +241,26 @@ def with_task_defaults(task: str, args: argparse.Namespace, argv: Sequence[str] 
         changes.update(resources)
         notes.append(f"{task}'s default resources: " + ", ".join(f"--{k} {v}" for k, v in resources.items())
                      + " (each flag overrides)")
+    if "num_gpus" in task_dests:
+        changes.update(detectron2_processes(task, {**vars(args), **changes}, "--num-gpus" in spelled, notes))
     return argparse.Namespace(**{**vars(args), **changes}), notes
+
+
+def detectron2_processes(task: str, flags: dict, num_gpus_given: bool, notes: list[str]) -> dict:
+    """A detectron2 task's launch starts one process per GPU itself: one SLURM task per node, and --num-gpus equal
+    to --gpus_per_node. Returns the flags to change; refuses a plan that would start the wrong number of processes."""
+    tasks, gpus, num_gpus = flags["ntasks_per_node"], flags["gpus_per_node"], flags["num_gpus"]
+    if tasks not in (None, 1):
+        raise LaunchError(f"--ntasks_per_node {tasks}: {task} starts its GPU processes on each node itself "
+                          f"(detectron2's launch, one per --num-gpus); pass --ntasks_per_node 1")
+    changes = {"ntasks_per_node": 1}
+    if gpus and num_gpus != gpus:
+        if num_gpus_given:
+            raise LaunchError(f"--num-gpus {num_gpus} but --gpus_per_node {gpus}: {task} starts one process per "
+                              f"--num-gpus on each node; pass the same number to both")
+        changes["num_gpus"] = gpus
+        notes.append(f"--num-gpus {gpus}, as --gpus_per_node {gpus}: {task} starts one process per GPU itself")
+    return changes
 
 
 def task_namespace(task_parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

@@ -15,6 +15,9 @@ from common.losses import METHODS
 SWEEP_SEEDS = (0, 1, 2)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @dataclass(frozen=True)
 class Sweep:
     task: str
@@ -22,6 +25,9 @@ class Sweep:
     methods: tuple[str, ...]
     help: str
     seeds: tuple[int, ...] = SWEEP_SEEDS
+    # A task whose runs are config files (detectron2's --config-file): one run per file of <task>/configs/,
+    # instead of pairs x methods x seeds.
+    configs: tuple[str, ...] = ()
 
 
 # A task's DEFAULT_SWEEP (in its train.py, beside its recipe) names the one a bare `launch.py TASK` submits.
@@ -38,6 +44,11 @@ SWEEPS = {
                     "(ce: each student alone), seed 0", seeds=(0,)),
     "table2_rcka": Sweep("imagenet", "rcka_table2", ("rcka",),
                          "the paper's Table 2 pairs x rcka (its RCKA column), seed 0", seeds=(0,)),
+    # COCO: one run per config, as Table 3 reports single runs (each takes an 8-GPU node for a day or more).
+    "table3": Sweep("coco_detection", "", (),
+                    "Table 3's detectors: the three PCKA pairs and the two students alone (one run each)", seeds=(),
+                    configs=("retinanet_R101_to_R50_pcka", "faster_rcnn_R101_to_R50_pcka",
+                             "faster_rcnn_X101_to_R50_pcka", "retinanet_R50", "faster_rcnn_R50")),
 }
 # The settings a sweep varies; a task needs these flags for --sweep, --pairs and --methods.
 VARIED = ("teacher", "student", "method", "seed")
@@ -86,9 +97,14 @@ def varied_settings(args: argparse.Namespace, task: str, task_parser: argparse.A
         sweep = SWEEPS[args.sweep]
         if sweep.task != task:
             raise LaunchError(f"sweep {args.sweep!r} is a {sweep.task} sweep: python slurm/launch.py {sweep.task} ...")
+        if sweep.configs:
+            return config_settings(args.sweep, sweep, args)
     if args.pairs is None and args.methods is None and args.seeds is None and sweep is None:
         return [{}]
     missing = [dest for dest in VARIED if not hasattr(args, dest)]
+    if missing and hasattr(args, "config_file"):
+        raise _config_runs_only(task, [flag for flag, value in (("--pairs", args.pairs), ("--methods", args.methods),
+                                                                ("--seeds", args.seeds)) if value is not None])
     if missing:
         raise LaunchError(f"task {task!r} has no --{', --'.join(missing)}: --sweep/--pairs/--methods/--seeds "
                           f"do not apply; submit its runs one by one")
@@ -113,6 +129,28 @@ def varied_settings(args: argparse.Namespace, task: str, task_parser: argparse.A
                 settings.append({"teacher": None if method == "ce" else teacher, "student": student,
                                  "method": method, "seed": seed})
     return settings
+
+
+def _config_runs_only(task: str, flags: Sequence[str]) -> LaunchError:
+    return LaunchError(f"{', '.join(flags)} do not apply to {task}, whose runs are config files: name one with "
+                       f"--config-file (its seed with the config option SEED N), or submit its sweep "
+                       f"({', '.join(name for name, s in SWEEPS.items() if s.task == task)})")
+
+
+def config_settings(name: str, sweep: Sweep, args: argparse.Namespace) -> list[dict]:
+    """One run per config file of the sweep (absolute paths, so a job finds them wherever it starts)."""
+    given = [flag for flag, value in (("--pairs", args.pairs), ("--methods", args.methods), ("--seeds", args.seeds))
+             if value is not None]
+    if given:
+        raise _config_runs_only(sweep.task, given)
+    if getattr(args, "config_file", None):
+        raise LaunchError(f"--config-file and --sweep both name the runs: pass only one (sweep {name}: "
+                          f"{', '.join(sweep.configs)})")
+    paths = [REPO / sweep.task / "configs" / f"{name}.yaml" for name in sweep.configs]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise LaunchError(f"the sweep's config files are missing: {', '.join(missing)}")
+    return [{"config_file": str(path)} for path in paths]
 
 
 def _parse_pair(text: str, task_parser: argparse.ArgumentParser) -> tuple[str, str]:
