@@ -300,7 +300,7 @@ class RunFolder:
     def read_checkpoint(self, identity: Mapping, extendable: tuple[str, ...] = ("epochs",),
                         resume: str | os.PathLike | None = None) -> dict | None:
         """The training checkpoint to resume from (``resume``, else this folder's; None where there is none),
-        checked to be a training checkpoint of a run with this identity."""
+        checked to be a training checkpoint of a run with this identity that has not trained past its epochs."""
         path = Path(resume) if resume else (self.checkpoint if self.checkpoint.exists() else None)
         if path is None:
             return None
@@ -320,6 +320,11 @@ class RunFolder:
             lines = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences)
             raise RunConflictError(f"{path} belongs to a run with other settings ({lines}): pass the settings it was "
                                    f"trained with, or another --output_dir.")
+        # As decide() for a finished run: epochs may grow on resume, not shrink below what is trained.
+        trained, epochs = checkpoint.get("epoch", -1) + 1, identity.get("epochs")
+        if epochs is not None and trained > epochs:
+            raise RunConflictError(f"{path} has already trained {trained} epochs; --epochs {epochs} cannot undo that: "
+                                   f"pass --epochs {trained} or more, or another --output_dir for a shorter run.")
         return checkpoint
 
     def finish(self, summary: Mapping) -> None:

@@ -335,10 +335,6 @@ def main(args: argparse.Namespace) -> dict:
         identity = run_identity(args, cfg, teacher_sha256)
         decision = run.decide(identity, EXTENDABLE)
         checkpoint = run.read_checkpoint(identity, EXTENDABLE, args.resume) if decision.state != "finished" else None
-        if checkpoint is not None and checkpoint["epoch"] + 1 > args.epochs:
-            raise UsageError(f"{args.resume or run.checkpoint} has already trained {checkpoint['epoch'] + 1} epochs; "
-                             f"--epochs {args.epochs} cannot undo that: pass --epochs {checkpoint['epoch'] + 1} or "
-                             f"more, or another --output_dir for a shorter run.")
         if decision.state == "finished":
             summary = run.read_done()
             scores = ", ".join(f"{name} {summary[key]:.2f}" for name, key in (("last top-1", "last_acc1"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from common.run import Decision, RunConflictError, RunFolder, folder_suffix, identity_differences, read_run
 
@@ -27,6 +28,16 @@ def test_another_identity_is_a_conflict_that_lists_every_differing_key(tmp_path)
     message = str(info.value)
     assert "  lr: 0.05 there, 0.1 now" in message and "  seed: 0 there, 1 now" in message
     assert identity_differences(IDENTITY, {**IDENTITY, "lr": 0.1}) == [("lr", 0.05, 0.1)]
+
+
+def test_a_checkpoint_resumes_with_more_epochs_but_not_fewer_than_it_has_trained(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    torch.save({"epoch": 2, "optimizer": {}, "identity": {**IDENTITY, "epochs": 5}}, folder.checkpoint)
+    assert folder.read_checkpoint({**IDENTITY, "epochs": 3})["epoch"] == 2  # 3 trained, 3 asked: resumable
+    with pytest.raises(RunConflictError, match=r"checkpoint.pth has already trained 3 epochs; --epochs 2 cannot "
+                                               r"undo that: pass --epochs 3 or more"):
+        folder.read_checkpoint({**IDENTITY, "epochs": 2})
 
 
 def test_recording_marks_a_failed_or_interrupted_run_and_never_hides_the_error(tmp_path):
