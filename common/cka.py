@@ -99,6 +99,11 @@ def _check_gram(k: Tensor, name: str) -> None:
         raise ValueError(f"CKA/HSIC need at least 2 samples; {name} is {tuple(k.shape)}.")
 
 
+def _minus_first_sample(x: Tensor) -> Tensor:
+    """``X - 1 x_0^T`` with x_0 detached: removes any offset exactly, changes no centred quantity."""
+    return x - x[..., :1, :].detach()
+
+
 def center_columns(x: Tensor) -> Tensor:
     """``H X`` for representations x (..., n, p): every feature minus its mean over the n samples.
 
@@ -111,7 +116,7 @@ def center_columns(x: Tensor) -> Tensor:
     _check_representation(x, "x")
     x = _promote(x)
     with _no_autocast(x):
-        d = x - x[..., :1, :].detach()
+        d = _minus_first_sample(x)
         # In place: the mean's backward needs no values of d, so autograd allows it.
         return d.sub_(d.mean(dim=-2, keepdim=True))
 
@@ -370,7 +375,7 @@ def linear_cka(x: Tensor, y: Tensor, centered: bool = True) -> Tensor:
             # spread; ``cka`` then centres the Grams, H (X - 1 x_0^T)(X - 1 x_0^T)^T H = HXX^TH.
             # One pass over X and none in backward, where a full column centring costs three
             # and two; for flattened stage features those passes cost as much as the Gram.
-            x, y = x - x[..., :1, :].detach(), y - y[..., :1, :].detach()
+            x, y = _minus_first_sample(x), _minus_first_sample(y)
         return cka(gram_linear(x), gram_linear(y), centered=centered)
     if centered:
         # Before any product: see the module docstring (precision for offset inputs, exact zeros

@@ -131,8 +131,10 @@ class _PatchCKA(torch.autograd.Function):
         b, c, h, w = fs.shape
         n = math.prod(patch_grid(h, w, patch_size))
         grams = fs.new_empty(2, c, n, n)  # student's and teacher's, one buffer for cka_and_gradient_
-        chunk_numel = b * max(chunk.stop - chunk.start for chunk in chunks) * math.prod(_resized_size(h, w, patch_size))
-        rows_t, scratch = fs.new_empty(chunk_numel), fs.new_empty(chunk_numel)  # reused by every chunk
+        size = _resized_size(h, w, patch_size)
+        chunk_numel = b * (chunks[0].stop - chunks[0].start) * math.prod(size)  # the first chunk is the largest
+        rows_t = fs.new_empty(chunk_numel)  # reused by every chunk, as is the resized map
+        scratch = fs.new_empty(chunk_numel) if size != (h, w) else None
         rows_s = []
         with _no_autocast(fs):
             for chunk in chunks:
@@ -163,7 +165,7 @@ class _PatchCKA(torch.autograd.Function):
         scale = 2 * grad_values.to(grad_grams.dtype)[:, None, None]
         grad_fs = grad_grams.new_empty(ctx.in_shape)
         n, row_len = gh * gw, b * p * p
-        step = max(chunk.stop - chunk.start for chunk in ctx.chunks)
+        step = ctx.chunks[0].stop - ctx.chunks[0].start  # the first chunk is the largest
         blocks_buffer = grad_grams.new_empty(step * n * row_len)  # per-chunk buffers, reused
         map_buffer = grad_grams.new_empty(b * size[0] * size[1] * step)
         out_buffer = grad_grams.new_empty(b * h * w * step)

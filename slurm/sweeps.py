@@ -103,8 +103,7 @@ def varied_settings(args: argparse.Namespace, task: str, task_parser: argparse.A
         return [{}]
     missing = [dest for dest in VARIED if not hasattr(args, dest)]
     if missing and hasattr(args, "config_file"):
-        raise _config_runs_only(task, [flag for flag, value in (("--pairs", args.pairs), ("--methods", args.methods),
-                                                                ("--seeds", args.seeds)) if value is not None])
+        raise _config_runs_only(task, args)
     if missing:
         raise LaunchError(f"task {task!r} has no --{', --'.join(missing)}: --sweep/--pairs/--methods/--seeds "
                           f"do not apply; submit its runs one by one")
@@ -131,22 +130,23 @@ def varied_settings(args: argparse.Namespace, task: str, task_parser: argparse.A
     return settings
 
 
-def _config_runs_only(task: str, flags: Sequence[str]) -> LaunchError:
-    return LaunchError(f"{', '.join(flags)} do not apply to {task}, whose runs are config files: name one with "
+def _config_runs_only(task: str, args: argparse.Namespace) -> LaunchError:
+    """The error for --pairs/--methods/--seeds given to a task whose runs are config files."""
+    given = [flag for flag, value in (("--pairs", args.pairs), ("--methods", args.methods), ("--seeds", args.seeds))
+             if value is not None]
+    return LaunchError(f"{', '.join(given)} do not apply to {task}, whose runs are config files: name one with "
                        f"--config-file (its seed with the config option SEED N), or submit its sweep "
                        f"({', '.join(name for name, s in SWEEPS.items() if s.task == task)})")
 
 
-def config_settings(name: str, sweep: Sweep, args: argparse.Namespace) -> list[dict]:
+def config_settings(sweep_name: str, sweep: Sweep, args: argparse.Namespace) -> list[dict]:
     """One run per config file of the sweep (absolute paths, so a job finds them wherever it starts)."""
-    given = [flag for flag, value in (("--pairs", args.pairs), ("--methods", args.methods), ("--seeds", args.seeds))
-             if value is not None]
-    if given:
-        raise _config_runs_only(sweep.task, given)
+    if args.pairs is not None or args.methods is not None or args.seeds is not None:
+        raise _config_runs_only(sweep.task, args)
     if getattr(args, "config_file", None):
-        raise LaunchError(f"--config-file and --sweep both name the runs: pass only one (sweep {name}: "
+        raise LaunchError(f"--config-file and --sweep both name the runs: pass only one (sweep {sweep_name}: "
                           f"{', '.join(sweep.configs)})")
-    paths = [REPO / sweep.task / "configs" / f"{name}.yaml" for name in sweep.configs]
+    paths = [REPO / sweep.task / "configs" / f"{config}.yaml" for config in sweep.configs]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise LaunchError(f"the sweep's config files are missing: {', '.join(missing)}")
