@@ -24,6 +24,7 @@ import weakref
 from pathlib import Path
 
 import torch
+import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, launch
@@ -115,7 +116,15 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     register_coco_datasets(args.register_coco)
     cfg = get_cfg()
     add_distillation_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    try:
+        cfg.merge_from_file(args.config_file)
+    except yaml.YAMLError as err:
+        raise UsageError(f"config file {args.config_file} is not valid YAML ({' '.join(str(err).split())}): fix it, "
+                         f"or start from one of coco_detection/configs/") from None
+    except (KeyError, AssertionError, ValueError, OSError) as err:
+        # yacs: a key detectron2 and this task do not define, a value of the wrong type, a missing _BASE_ file.
+        raise UsageError(f"config file {args.config_file} does not fit detectron2's config ({err}): fix it, or "
+                         f"start from one of coco_detection/configs/") from None
     try:
         cfg.merge_from_list(list(args.opts or []))
     except (KeyError, AssertionError, ValueError) as err:

@@ -327,7 +327,14 @@ def expand_runs(task: str, args: argparse.Namespace) -> list[Run]:
         if output_dir in seen:
             continue
         seen.add(output_dir)
-        run_args = argparse.Namespace(**{**vars(run_args), "output_dir": output_dir})
+        paths = {"output_dir": output_dir}
+        config_file = getattr(run_args, "config_file", None)
+        if config_file:  # a detectron2 task: checked now, not after the queue; absolute, as output_dir
+            if not os.path.isfile(config_file):
+                raise LaunchError(f"--config-file {config_file} does not exist; the task's configs are in "
+                                  f"{TASKS[task].split('.')[0]}/configs/")
+            paths["config_file"] = os.path.abspath(config_file)
+        run_args = argparse.Namespace(**{**vars(run_args), **paths})
         command = ("python", "-m", TASKS[task], *namespace_to_argv(task_parser, run_args))
         runs.append(Run(task, run_args, command))
     return runs

@@ -55,6 +55,10 @@ def test_a_config_file_names_one_run_and_gpus_per_node_sets_num_gpus(tmp_path, m
     assert run.args.num_gpus == 4 and run.args.opts == ["SOLVER.IMS_PER_BATCH", "8"]
     assert launch.executor_parameters(args, "x")["tasks_per_node"] == 1
     assert any("--num-gpus 4, as --gpus_per_node 4" in note for note in notes)
+    # A relative config path goes to the job absolute, as the output_dir does.
+    monkeypatch.chdir(REPO)
+    (run,) = plan(["--config-file", "coco_detection/configs/retinanet_R50.yaml"])[2]
+    assert run.args.config_file == config
     # --num-gpus that agrees is kept, and says nothing.
     args, notes, _ = plan(["--config-file", config, "--num-gpus", "8"])
     assert args.num_gpus == 8 and not any("--num-gpus" in note for note in notes)
@@ -67,6 +71,7 @@ def test_a_config_file_names_one_run_and_gpus_per_node_sets_num_gpus(tmp_path, m
     (["--sweep", "table3", "--methods", "pcka"], r"--methods do not apply to coco_detection"),
     (["--sweep", "table3", "--config-file", "x.yaml"], r"--config-file and --sweep both name the runs.*table3"),
     (["--sweep", "table1"], r"sweep 'table1' is a cifar100 sweep"),
+    (["--config-file", "nowhere.yaml"], r"--config-file nowhere.yaml does not exist; .* coco_detection/configs/"),
 ])
 def test_plans_that_would_start_the_wrong_processes_or_runs_are_refused_before_queueing(argv, message):
     with pytest.raises(launch.LaunchError, match=message):

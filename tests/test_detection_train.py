@@ -180,6 +180,21 @@ def test_a_missing_teacher_config_is_a_clear_error(shapes, tmp_path):
         train.main(args)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("MODEL: [unclosed\n  : : :\n", r"is not valid YAML \(.*line 1"),
+    ("NOT_A_KEY: 3\n", r"does not fit detectron2's config \('Non-existent config key: NOT_A_KEY'\)"),
+    ("SOLVER:\n  BASE_LR: fast\n", r"does not fit detectron2's config \(Type mismatch .*SOLVER.BASE_LR"),
+    ('_BASE_: "missing-base.yaml"\n', r"does not fit detectron2's config \(.*missing-base.yaml"),
+])
+def test_a_corrupt_config_file_is_a_clear_error(tmp_path, text, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    args = train.get_args_parser().parse_args(["--config-file", str(config), "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(train.UsageError, match=message):
+        train.main(args)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_malformed_json_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [], "annotations": [')
