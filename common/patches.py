@@ -30,11 +30,12 @@ __all__ = ["patch_grid", "patchify", "patch_cka"]
 # A few MiB stay in cache and are recycled by malloc; a whole P3 level (~37 MiB in float32) is
 # mmap-ed and page-faulted afresh by every temporary, which cost more than the matmuls.
 CPU_CHUNK_ELEMENTS = 1 << 19
-# torch's bilinear resize uses its channels-last kernel when the output's H + W is at most this
-# (aten/src/ATen/native/cpu/UpSampleKernel.cpp, _use_vectorized_kernel_cond_2d).
+# On CPU, maps whose resized H + W is at most this are resized channels-last (vectorised over
+# channels; few pixels), larger ones one axis at a time (vectorised along the other axis).
 SMALL_OUTPUT = 128
-# Channels per transposing copy in patch_cka's backward (see there).
-COPY_CHANNELS = 8
+# torch's channels-last bilinear kernels run at full speed on whole vectors of channels: 16 of
+# them are ~2x faster per element than 14, 32 ~3x (AVX2, float32).
+CHANNEL_VECTOR = 16
 
 
 def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -71,53 +72,183 @@ def patchify(feat: Tensor, patch_size: int = 16) -> Tensor:
     return rearrange(feat, "b c (gh p1) (gw p2) -> c (gh gw) (b p1 p2)", p1=patch_size, p2=patch_size)
 
 
-def _patch_rows(feat: Tensor, patch_size: int, centered: bool, out: Tensor | None = None,
-                scratch: Tensor | None = None) -> Tensor:
-    """``patchify`` of a float32 map into a contiguous buffer; with ``centered``, minus its first patch.
+def _level_path(feat_s: Tensor, feat_t: Tensor, patch_size: int) -> str:
+    """How ``patch_cka`` cuts a level into patch rows; both maps of a level take the same path.
 
-    ``out`` (flat, at least the rows' size) receives the rows, else a fresh tensor does; the
-    resized map goes to ``scratch`` (flat, at least its size) when given. Reusing both across a
-    level's chunks keeps them in cache and spares malloc.
+    * ``direct``: neither map needs resizing; the rows are copied out of the maps.
+    * ``nchw`` (not CPU): torch's resize on the maps as they are, then the copy.
+    * ``channels_last`` (CPU, resized H + W <= SMALL_OUTPUT): a channels-last copy, torch's
+      channels-last resize (vectorised over channels), then the rows.
+    * ``separable`` (CPU, larger maps): the resize one axis at a time, each pass torch's
+      channels-last kernel applied to a view in which the other axis plays the channels: along H
+      on the map as it is (vectorised along W), then along W on its transpose (vectorised along
+      H). One transposing copy in all, and no pass of torch's per-element NCHW kernel, which
+      costs about as much as the rest together. Bilinear interpolation is separable, so this is
+      the same resize up to rounding. Its rows list the patches column by column and each patch
+      transposed, which leaves every Gram's CKA unchanged (the same reordering of samples and
+      features on both sides).
+    """
+    size = _resized_size(*feat_s.shape[-2:], patch_size)
+    if size == tuple(feat_s.shape[-2:]) and size == tuple(feat_t.shape[-2:]):
+        return "direct"
+    if feat_s.device.type != "cpu":
+        return "nchw"
+    return "channels_last" if sum(size) <= SMALL_OUTPUT else "separable"
 
-    Subtracting one patch (a row of X) from all of them removes any offset exactly, so a constant
-    channel gives exact zeros and the Gram is formed from numbers of the data's own spread; the
-    Gram is then centred (``cka_and_gradient_``), which finishes the centring at O(n^2). That costs
-    eps * (|x_0 - mean| / spread)^2 of precision, the same as zero-mean data, and no pass over the
-    rows beyond the rearranging copy it is fused into (a full column centring would add two).
+
+def _axis_view(t: Tensor) -> Tensor:
+    """(..., A, B) contiguous -> the same memory as a channels-last (N, B, A, 1) map.
+
+    torch's channels-last resize of that view interpolates along A, vectorised over B. A view,
+    never a copy (``view`` raises where ``reshape`` would copy), so that outputs land in ``t``.
+    """
+    return t.view(-1, t.shape[-2], t.shape[-1], 1).permute(0, 2, 1, 3)
+
+
+def _resize_axis(src: Tensor, out: Tensor) -> None:
+    """Bilinear resize (align_corners=False) of contiguous ``src`` (..., A, B) along A into ``out`` (..., A', B)."""
+    torch._C._nn.upsample_bilinear2d(_axis_view(src), [out.shape[-2], 1], False, None, None, out=_axis_view(out))
+
+
+def _resize_axis_backward(grad_out: Tensor, grad_in: Tensor) -> None:
+    """The adjoint of ``_resize_axis``: ``grad_in`` (..., A, B) from ``grad_out`` (..., A', B)."""
+    view_in = _axis_view(grad_in)
+    torch.ops.aten.upsample_bilinear2d_backward.grad_input(
+        _axis_view(grad_out), [grad_out.shape[-2], 1], list(view_in.shape), False, None, None, grad_input=view_in
+    )
+
+
+def _patch_rows(feat: Tensor, patch_size: int, centered: bool, path: str, out: Tensor,
+                scratch: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``patchify`` of a float32 map into ``out``, on ``path``; with ``centered``, of the map minus its first pixel.
+
+    ``out`` (flat, at least the rows' size) receives the rows; ``scratch`` is two flat buffers of
+    that size for the resize (None on the ``direct`` path). Reusing them across a level's chunks
+    keeps them in cache and spares malloc.
+
+    Centred, each image's channel first loses its top-left value, in the first pass over the map
+    (fused into a copy where the path has one). That subtracts the same number from every entry
+    of a column of X (a column holds one image's pixels), which the centred Gram ignores, and it
+    removes any offset exactly: a constant channel is exact zeros before the resize, so its Gram
+    is exactly zero whatever the resize's rounding (subtracting after the resize would leave that
+    rounding, a few ulp of the offset, for the CKA to normalise into noise). The Gram is then
+    formed from numbers of the data's own spread and centred at O(n^2) (``cka_and_gradient_``).
     """
     b, c, h, w = feat.shape
-    size = _resized_size(h, w, patch_size)
-    gh, gw = size[0] // patch_size, size[1] // patch_size
+    p = patch_size
+    size = _resized_size(h, w, p)
+    gh, gw = size[0] // p, size[1] // p
     numel = b * c * size[0] * size[1]
-    if size == (h, w):
-        blocks = feat.view(b, c, gh, patch_size, gw, patch_size).permute(1, 2, 4, 0, 3, 5)
-    elif sum(size) <= SMALL_OUTPUT and feat.device.type == "cpu":
-        # torch resizes such maps with its channels-last kernel whatever the input's layout,
-        # reading NCHW element by element; handing it a channels-last copy is 2-3x faster.
-        resized = feat.new_empty(numel) if scratch is None else scratch[:numel]
-        resized = resized.view(b, *size, c).permute(0, 3, 1, 2)
-        torch._C._nn.upsample_bilinear2d(
-            feat.contiguous(memory_format=torch.channels_last), list(size), False, None, None, out=resized
-        )
-        blocks = resized.permute(0, 2, 3, 1).view(b, gh, patch_size, gw, patch_size, c).permute(5, 1, 3, 0, 2, 4)
-    else:
-        resized = (feat.new_empty(numel) if scratch is None else scratch[:numel]).view(b, c, *size)
+    offset = feat[:, :, :1, :1] if centered else None
+    if path == "direct":
+        blocks = feat.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
+        rows = out[:numel].view(blocks.shape)
+        if centered:
+            torch.sub(blocks, offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5), out=rows)
+        else:
+            rows.copy_(blocks)
+        return rows.view(c, gh * gw, b * p * p)
+    if path == "nchw":
+        if centered:
+            feat = torch.sub(feat, offset, out=scratch[1][: feat.numel()].view(feat.shape))
+        resized = scratch[0][:numel].view(b, c, *size)
         torch._C._nn.upsample_bilinear2d(feat, list(size), False, None, None, out=resized)
-        blocks = resized.view(b, c, gh, patch_size, gw, patch_size).permute(1, 2, 4, 0, 3, 5)
-    rows = (feat.new_empty(numel) if out is None else out[:numel]).view(blocks.shape)
-    if centered:
-        torch.sub(blocks, blocks[:, :1, :1], out=rows)
-    else:
-        rows.copy_(blocks)
-    return rows.view(c, gh * gw, b * patch_size * patch_size)
+        blocks = resized.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
+    elif path == "channels_last":
+        # Both copies move whole cache lines: the second reorders (p, c) blocks within a pixel row.
+        feat_cl = scratch[0][: feat.numel()].view(b, h, w, c)
+        if centered:
+            torch.sub(feat.permute(0, 2, 3, 1), offset.permute(0, 2, 3, 1), out=feat_cl)
+        else:
+            feat_cl.copy_(feat.permute(0, 2, 3, 1))
+        resized = scratch[1][:numel].view(b, *size, c)
+        torch._C._nn.upsample_bilinear2d(
+            feat_cl.permute(0, 3, 1, 2), list(size), False, None, None, out=resized.permute(0, 3, 1, 2)
+        )
+        lines = scratch[0][:numel].view(b, gh, p, gw, c, p)  # (b, gh, p1, gw, c, p2)
+        lines.copy_(resized.view(b, gh, p, gw, p, c).transpose(4, 5))
+        blocks = lines.permute(4, 1, 3, 0, 2, 5)
+    else:  # separable
+        transposed = scratch[1][: b * c * w * size[0]].view(b, c, w, size[0])
+        if h != size[0]:
+            if centered:
+                feat = torch.sub(feat, offset, out=scratch[1][: feat.numel()].view(feat.shape))
+            along_h = scratch[0][: b * c * size[0] * w].view(b, c, size[0], w)
+            for image in range(b):  # feat[image] is contiguous (feat[:, chunk] is not)
+                _resize_axis(feat[image].contiguous(), along_h[image])
+            transposed.copy_(along_h.transpose(2, 3))
+        elif centered:
+            torch.sub(feat.transpose(2, 3), offset, out=transposed)
+        else:
+            transposed.copy_(feat.transpose(2, 3))
+        resized_t = transposed
+        if w != size[1]:
+            resized_t = scratch[0][:numel].view(b, c, size[1], size[0])
+            _resize_axis(transposed, resized_t)
+        blocks = resized_t.view(b, c, gw, p, gh, p).permute(1, 2, 4, 0, 3, 5)  # (c, gw, gh, b, p2, p1)
+    rows = out[:numel].view(blocks.shape)
+    rows.copy_(blocks)
+    return rows.view(c, gh * gw, b * p * p)
 
 
-def _channel_chunks(feat: Tensor, patch_size: int) -> list[slice]:
+def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, path: str, patch_size: int,
+                    scratch: tuple[Tensor, Tensor]) -> None:
+    """The adjoint of ``_patch_rows`` (less the centring, see backward): ``grad_in`` (b, k, h, w) from the rows' gradient.
+
+    ``grad_rows`` (k, n, b * p * p) is contiguous and may be overwritten; ``scratch`` is two flat
+    buffers of its size.
+    """
+    b, k, h, w = grad_in.shape
+    p = patch_size
+    size = _resized_size(h, w, p)
+    gh, gw = size[0] // p, size[1] // p
+    numel = grad_rows.numel()
+    if path == "direct":
+        grad_in.view(b, k, gh, p, gw, p).copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 0, 1, 4, 2, 5))
+    elif path == "nchw":
+        grad_map = scratch[0][:numel].view(b, k, gh, p, gw, p)
+        grad_map.copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 0, 1, 4, 2, 5))
+        torch.ops.aten.upsample_bilinear2d_backward.grad_input(
+            grad_map.view(b, k, *size), list(size), [b, k, h, w], False, None, None, grad_input=grad_in
+        )
+    elif path == "channels_last":
+        # The forward's copies in reverse, then torch's channels-last resize backward.
+        lines = scratch[0][:numel].view(b, gh, p, gw, k, p)
+        lines.copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 1, 4, 2, 0, 5))
+        grad_map = scratch[1][:numel].view(b, gh, p, gw, p, k)
+        grad_map.copy_(lines.transpose(4, 5))
+        grad_cl = scratch[0][: grad_in.numel()].view(b, h, w, k)
+        torch.ops.aten.upsample_bilinear2d_backward.grad_input(
+            grad_map.view(b, *size, k).permute(0, 3, 1, 2), list(size), [b, k, h, w], False, None, None,
+            grad_input=grad_cl.permute(0, 3, 1, 2),
+        )
+        grad_in.copy_(grad_cl.permute(0, 3, 1, 2))
+    else:  # separable: W's backward on the transposed map, transpose, H's backward into grad_in
+        grad_t = scratch[0][:numel].view(b, k, gw, p, gh, p)
+        grad_t.copy_(grad_rows.view(k, gw, gh, b, p, p).permute(3, 0, 1, 4, 2, 5))
+        grad_t = grad_t.view(b, k, size[1], size[0])
+        free = scratch[1]
+        if w != size[1]:
+            grad_tw = scratch[1][: b * k * w * size[0]].view(b, k, w, size[0])
+            _resize_axis_backward(grad_t, grad_tw)
+            grad_t, free = grad_tw, scratch[0]
+        if h == size[0]:
+            grad_in.copy_(grad_t.transpose(2, 3))
+            return
+        grad_h = free[: b * k * size[0] * w].view(b, k, size[0], w)
+        grad_h.copy_(grad_t.transpose(2, 3))
+        for image in range(b):  # grad_in[image] is contiguous: a slice of channels of one image
+            _resize_axis_backward(grad_h[image], grad_in[image])
+
+
+def _channel_chunks(feat: Tensor, patch_size: int, path: str) -> list[slice]:
     b, c, h, w = feat.shape
     if feat.device.type != "cpu":
         return [slice(0, c)]  # the caching allocator recycles big buffers; one big batch is fastest
     per_channel = b * math.prod(_resized_size(h, w, patch_size))
     step = max(1, CPU_CHUNK_ELEMENTS // per_channel)
+    if path == "channels_last" and step >= CHANNEL_VECTOR:
+        step -= step % CHANNEL_VECTOR
     return [slice(start, min(start + step, c)) for start in range(0, c, step)]
 
 
@@ -127,19 +258,21 @@ class _PatchCKA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat_s: Tensor, feat_t: Tensor, patch_size: int, centered: bool) -> Tensor:
         fs, ft = _promote(feat_s), _promote(feat_t)
-        chunks = _channel_chunks(fs, patch_size)
+        path = _level_path(fs, ft, patch_size)
+        chunks = _channel_chunks(fs, patch_size, path)
         b, c, h, w = fs.shape
         n = math.prod(patch_grid(h, w, patch_size))
         grams = fs.new_empty(2, c, n, n)  # student's and teacher's, one buffer for cka_and_gradient_
-        size = _resized_size(h, w, patch_size)
-        chunk_numel = b * (chunks[0].stop - chunks[0].start) * math.prod(size)  # the first chunk is the largest
-        rows_t = fs.new_empty(chunk_numel)  # reused by every chunk, as is the resized map
-        scratch = fs.new_empty(chunk_numel) if size != (h, w) else None
+        # The first chunk is the largest. The teacher's rows and the resize's scratch are reused
+        # by every chunk; the student's rows are kept for backward.
+        chunk_numel = b * (chunks[0].stop - chunks[0].start) * math.prod(_resized_size(h, w, patch_size))
+        rows_t = fs.new_empty(chunk_numel)
+        scratch = None if path == "direct" else (fs.new_empty(chunk_numel), fs.new_empty(chunk_numel))
         rows_s = []
         with _no_autocast(fs):
             for chunk in chunks:
-                xs = _patch_rows(fs[:, chunk], patch_size, centered, scratch=scratch)  # kept for backward
-                xt = _patch_rows(ft[:, chunk], patch_size, centered, out=rows_t, scratch=scratch)
+                xs = _patch_rows(fs[:, chunk], patch_size, centered, path, fs.new_empty(chunk_numel), scratch)
+                xt = _patch_rows(ft[:, chunk], patch_size, centered, path, rows_t, scratch)
                 torch.bmm(xs, xs.transpose(1, 2), out=grams[0, chunk])
                 torch.bmm(xt, xt.transpose(1, 2), out=grams[1, chunk])
                 rows_s.append(xs)
@@ -147,7 +280,8 @@ class _PatchCKA(torch.autograd.Function):
             # the Grams' trip back through cache (the Grams are n x n, a few MiB for a whole level).
             # It centres the Grams when centred (see _patch_rows).
             values, grad_grams = cka_and_gradient_(grams, centered)
-        ctx.patch_size, ctx.chunks, ctx.in_shape, ctx.in_dtype = patch_size, chunks, fs.shape, feat_s.dtype
+        ctx.patch_size, ctx.path, ctx.chunks = patch_size, path, chunks
+        ctx.in_shape, ctx.in_dtype = fs.shape, feat_s.dtype
         ctx.save_for_backward(grad_grams, *rows_s)
         return values
 
@@ -157,45 +291,20 @@ class _PatchCKA(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         grad_grams, *rows_s = ctx.saved_tensors
-        p, (b, _, h, w) = ctx.patch_size, ctx.in_shape
-        size = _resized_size(h, w, p)
-        gh, gw = size[0] // p, size[1] // p
-        # K = R R^T gives dR = (G + G^T) R = 2 G R (G symmetric). When centred, R = X - 1 x_0^T and
-        # K is centred as H K H, so G = H G H and dX = (I - e_0 1^T) 2 G R = 2 G R: no step of its own.
+        # K = R R^T gives dR = (G + G^T) R = 2 G R (G symmetric). When centred, the subtracted first
+        # pixels would add -(sum of dR over the patches) to their own entries, but K is centred as
+        # H K H, so G = H G H, 1^T G = 0 and that sum is zero: no step of its own.
         scale = 2 * grad_values.to(grad_grams.dtype)[:, None, None]
         grad_fs = grad_grams.new_empty(ctx.in_shape)
-        n, row_len = gh * gw, b * p * p
-        step = ctx.chunks[0].stop - ctx.chunks[0].start  # the first chunk is the largest
-        blocks_buffer = grad_grams.new_empty(step * n * row_len)  # per-chunk buffers, reused
-        map_buffer = grad_grams.new_empty(b * size[0] * size[1] * step)
-        out_buffer = grad_grams.new_empty(b * h * w * step)
+        chunk_numel = rows_s[0].numel()  # per-chunk buffers, reused
+        grad_rows = grad_grams.new_empty(chunk_numel)
+        scratch = None if ctx.path == "direct" else (grad_grams.new_empty(chunk_numel), grad_grams.new_empty(chunk_numel))
         for chunk, xs in zip(ctx.chunks, rows_s):
-            k = xs.shape[0]
-            blocks = blocks_buffer[: k * n * row_len].view(k, n, row_len)
             # The incoming gradient is folded into the chunk's n x n matrices, not the level's
             # (which would be one more pass over all of them) nor the (larger) patch rows.
+            blocks = grad_rows[: xs.numel()].view(xs.shape)
             torch.bmm(grad_grams[chunk] * scale[chunk], xs, out=blocks)
-            blocks = blocks.view(k, gh, gw, b, p, p)
-            if size == (h, w):
-                grad_fs[:, chunk].view(b, k, gh, p, gw, p).copy_(blocks.permute(3, 0, 1, 4, 2, 5))
-                continue
-            # The resize's backward is several times faster on a channels-last gradient (CPU).
-            grad_map = map_buffer[: b * size[0] * size[1] * k].view(b, gh, p, gw, p, k)
-            # That copy reads one element from each channel in turn, and channel c starts a
-            # multiple of 4 KiB after channel c - 1 (n * B * p * p floats), so the reads of 16
-            # channels contend for the same cache set (2-3x slower); 8 at a time do not. Padding
-            # the channels apart instead would make the matmul above write a non-contiguous
-            # output, which torch then computes one matrix at a time on one thread.
-            step_copy = COPY_CHANNELS if grad_map.device.type == "cpu" else k
-            for start in range(0, k, step_copy):
-                group = slice(start, min(start + step_copy, k))
-                grad_map[..., group].copy_(blocks[group].permute(3, 1, 4, 2, 5, 0))
-            grad_map = grad_map.view(b, *size, k).permute(0, 3, 1, 2)
-            grad_chunk = out_buffer[: b * h * w * k].view(b, h, w, k).permute(0, 3, 1, 2)
-            torch.ops.aten.upsample_bilinear2d_backward.grad_input(
-                grad_map, list(size), [b, k, h, w], False, None, None, grad_input=grad_chunk
-            )
-            grad_fs[:, chunk] = grad_chunk
+            _grad_from_rows(blocks, grad_fs[:, chunk], ctx.path, ctx.patch_size, scratch)
         return grad_fs.to(ctx.in_dtype), None, None, None
 
 
@@ -210,21 +319,25 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
     resized level: the resize and its backward, the rearranging copies, the centring. Done as
     separate autograd ops over a whole FPN level, each pass allocates a new level-sized buffer,
     and on CPU those are mmap-ed and page-faulted afresh; together they cost several times the
-    matmuls. Here each chunk of channels goes resize -> (copy + centre) -> Gram while it sits in
+    matmuls. Here each chunk of channels goes (centre) -> resize -> rows -> Gram while it sits in
     cache, the CKA and its gradient with respect to each Gram are formed in closed form in forward
     (``cka_and_gradient_``, in place on the level's stacked Grams), and backward is the one matmul
-    ``2 G X`` per chunk followed by the resize's backward on a channels-last gradient (torch's
-    fastest CPU kernel for it).
+    ``2 G X`` per chunk followed by the resize's backward, the forward's steps in reverse.
+
+    On CPU the resize never uses torch's NCHW bilinear kernel, which gathers four pixels per
+    output element (~0.75 ns per element at 2 threads, as much as the rest of a chunk's work
+    together): large maps are resized one axis at a time by its channels-last kernel (see
+    ``_level_path``), small ones channels-last with chunks of whole vectors of channels.
 
     Where the time goes (CPU, RetinaNet P3-P6 at batch 2, ``benchmarks/bench_losses.py``): about
-    35% the matmuls; 20% the two forward resizes (torch's bilinear kernel, ~1.5 ns per output
-    element per core); 20% the copies between the NCHW map, the patch rows and the
-    channels-last gradient; 10% the resize's backward; the rest Python and small ops. Tried and
-    measured slower: recomputing the student's rows in backward instead of keeping them (less
-    memory, one more resize), separable resizes from torch's 1-D and channels-last kernels
-    written straight into the rows, a sparse resize matrix, symmetric half-Gram products, smaller
-    or larger chunks. ``torch.compile`` fuses resize and rearrangement 2.2x faster on CPU, but
-    detection batches change size every step, and recompiling per shape would cost more.
+    half the matmuls; a quarter the forward (two resize passes, one transposing copy and the
+    rows' copy per map); a sixth the backward's; the rest the CKA on the Grams, Python and small
+    ops. Tried and measured slower: recomputing the student's rows in backward instead of keeping
+    them (less memory, one more resize), torch's NCHW resize, resizing channels-last through
+    a transposing copy of a large map, both axes in "patch-row" layouts (the W pass then runs on
+    vectors of 16), a sparse resize matrix, symmetric half-Gram products, smaller or larger
+    chunks. ``torch.compile`` fuses resize and rearrangement faster still on CPU, but detection
+    batches change size every step, and recompiling per shape would cost more.
 
     Memory: the student's patch rows are kept from forward to backward, as autograd would keep
     them; nothing level-sized is allocated besides them, the input gradient and (on GPU, one chunk

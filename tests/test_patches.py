@@ -58,13 +58,15 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("centered", [True, False])
-# Resized by torch's channels-last kernel (output H + W <= 128), by its NCHW kernel, and already on the grid.
+# Resized channels-last (output H + W <= 128), one axis at a time, and already on the grid.
 @pytest.mark.parametrize("shape", [(2, 5, 13, 19), (2, 3, 61, 70), (3, 4, 8, 16)])
 def test_patch_cka_equals_linear_cka_of_the_patches_with_the_same_gradient(small_chunks, centered, shape):
     gen = torch.Generator().manual_seed(0)
     fs = torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
     ft = 0.5 * fs.detach() + torch.randn(*shape, generator=gen, dtype=torch.float64)
-    assert len(patches_module._channel_chunks(fs, 4)) > 1
+    path = patches_module._level_path(fs, ft, 4)
+    assert path == {13: "channels_last", 61: "separable", 8: "direct"}[shape[2]]
+    assert len(patches_module._channel_chunks(fs, 4, path)) > 1
     got = patch_cka(fs, ft, 4, centered)
     expected = linear_cka(patchify(fs, 4), patchify(ft, 4), centered=centered)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -76,26 +78,47 @@ def test_patch_cka_equals_linear_cka_of_the_patches_with_the_same_gradient(small
         assert torch.autograd.gradcheck(lambda a: patch_cka(a, ft, 4, centered), (fs,))
 
 
-@pytest.mark.parametrize("chunk_elements,copy_channels", [(400, 8), (1 << 19, 3), (1 << 19, 8)])
-@pytest.mark.parametrize("size", [(13, 19), (61, 70)])
-def test_patch_cka_is_the_same_whatever_the_chunks_and_copy_groups(monkeypatch, chunk_elements, copy_channels, size):
-    # 11 channels: one chunk of 11 (copied in groups of 3 or 8, the last one short), or 11 chunks of 1.
+def force_path(monkeypatch, path):
+    """Send every level that needs a resize down ``path`` (``nchw`` is the GPU's; it runs on CPU too)."""
+    choose = patches_module._level_path
+    monkeypatch.setattr(patches_module, "_level_path", lambda s, t, p: "direct" if choose(s, t, p) == "direct" else path)
+
+
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
+@pytest.mark.parametrize("chunk_elements", [400, 1 << 19])
+# Both sides resized, only H, only W; and a teacher already on the grid that the student is not.
+@pytest.mark.parametrize("size_s,size_t", [((13, 19), (13, 19)), ((61, 70), (64, 70)), ((64, 70), (61, 72)), ((61, 70), (64, 72))])
+def test_every_resize_path_and_chunking_gives_the_same_values_and_gradients(monkeypatch, path, chunk_elements, size_s, size_t):
+    # 11 channels: one chunk, or chunks of a few (the last one short).
     gen = torch.Generator().manual_seed(3)
-    fs = torch.randn(2, 11, *size, generator=gen, dtype=torch.float64).requires_grad_()
-    ft = fs.detach() + torch.randn(fs.shape, generator=gen, dtype=torch.float64)
-    expected = linear_cka(patchify(fs, 4), patchify(ft, 4), centered=False)
-    (grad_expected,) = torch.autograd.grad(expected.sum(), fs)
-    monkeypatch.setattr(patches_module, "CPU_CHUNK_ELEMENTS", chunk_elements)
-    monkeypatch.setattr(patches_module, "COPY_CHANNELS", copy_channels)
-    got = patch_cka(fs, ft, 4, centered=False)
-    (grad,) = torch.autograd.grad(got.sum(), fs)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
+    fs = torch.randn(2, 11, *size_s, generator=gen, dtype=torch.float64).requires_grad_()
+    ft = torch.randn(2, 11, *size_t, generator=gen, dtype=torch.float64)
+    ft[..., : size_s[0], : size_s[1]] += fs.detach()[..., : size_t[0], : size_t[1]]
+    for centered in (True, False):
+        expected = linear_cka(patchify(fs, 4), patchify(ft, 4), centered=centered)
+        (grad_expected,) = torch.autograd.grad(expected.sum(), fs)
+        with monkeypatch.context() as patched:
+            force_path(patched, path)
+            patched.setattr(patches_module, "CPU_CHUNK_ELEMENTS", chunk_elements)
+            got = patch_cka(fs, ft, 4, centered=centered)
+            (grad,) = torch.autograd.grad(got.sum(), fs)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
 
 
+def test_channels_last_chunks_are_whole_vectors_of_channels(monkeypatch):
+    feat = torch.empty(2, 256, 25, 38)  # P5 of an 800 x 1216 image: 32 x 48 once resized
+    assert patches_module._level_path(feat, feat, 16) == "channels_last"
+    chunks = patches_module._channel_chunks(feat, 16, "channels_last")
+    assert [c.stop - c.start for c in chunks] == [160, 96]  # 170 fit in CPU_CHUNK_ELEMENTS
+    assert len(patches_module._channel_chunks(feat, 16, "separable")) == 2  # 170 + 86
+
+
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
 @pytest.mark.parametrize("offset", [1e2, 1e4])
 @pytest.mark.parametrize("centered", [True, False])
-def test_patch_cka_of_offset_maps_in_float32_matches_float64(small_chunks, offset, centered):
+def test_patch_cka_of_offset_maps_in_float32_matches_float64(small_chunks, monkeypatch, path, offset, centered):
+    force_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(1)
     fs = torch.randn(2, 6, 20, 28, generator=gen, dtype=torch.float64)
     ft = fs + torch.randn(fs.shape, generator=gen, dtype=torch.float64)
@@ -104,15 +127,21 @@ def test_patch_cka_of_offset_maps_in_float32_matches_float64(small_chunks, offse
     torch.testing.assert_close(patch_cka(fs32, ft32, 8, centered).double(), expected, rtol=0, atol=1e-4)
 
 
-def test_patch_cka_of_a_constant_channel_is_zero_with_exactly_zero_gradient(small_chunks):
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
+# On the grid; resized (a constant map resized is not exactly constant: rounding); only along W.
+@pytest.mark.parametrize("size", [(16, 24), (20, 28), (16, 28)])
+def test_patch_cka_of_a_constant_channel_is_zero_with_exactly_zero_gradient(small_chunks, monkeypatch, path, size):
+    force_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(2)
-    fs = torch.randn(2, 4, 16, 24, generator=gen)
+    fs = torch.randn(2, 4, *size, generator=gen)
     fs[:, 1] = 3.7  # centred, a constant channel has no defined CKA
     fs.requires_grad_()
-    value = patch_cka(fs, torch.randn(fs.shape, generator=gen), 8)
+    ft = torch.randn(fs.shape, generator=gen)
+    ft[:, 2] = -1e4  # nor a constant teacher channel
+    value = patch_cka(fs, ft, 8)
     value.sum().backward()
-    assert value[1].item() == 0.0
-    assert torch.equal(fs.grad[:, 1], torch.zeros_like(fs.grad[:, 1]))
+    assert value[1].item() == 0.0 and value[2].item() == 0.0
+    assert torch.equal(fs.grad[:, 1:3], torch.zeros_like(fs.grad[:, 1:3]))
     assert fs.grad[:, 0].abs().sum() > 0
 
 
