@@ -118,15 +118,16 @@ def _resize_axis_backward(grad_out: Tensor, grad_in: Tensor) -> None:
     )
 
 
-def _patch_rows(feat: Tensor, patch_size: int, centered: bool, path: str, out: Tensor,
+def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str, out: Tensor,
                 scratch: tuple[Tensor, Tensor] | None) -> Tensor:
-    """``patchify`` of a float32 map into ``out``, on ``path``; with ``centered``, of the map minus its first pixel.
+    """``patchify`` of a float32 map into ``out``, on ``path``; of ``feat - offset`` if an offset is given.
 
     ``out`` (flat, at least the rows' size) receives the rows; ``scratch`` is two flat buffers of
     that size for the resize (None on the ``direct`` path). Reusing them across a level's chunks
     keeps them in cache and spares malloc.
 
-    Centred, each image's channel first loses its top-left value, in the first pass over the map
+    Centred, the offset (B, C, 1, 1) is the map's first pixel: each image's channel first loses
+    its top-left value, in the first pass over the map
     (fused into a copy where the path has one). That subtracts the same number from every entry
     of a column of X (a column holds one image's pixels), which the centred Gram ignores, and it
     removes any offset exactly: a constant channel is exact zeros before the resize, so its Gram
@@ -139,7 +140,7 @@ def _patch_rows(feat: Tensor, patch_size: int, centered: bool, path: str, out: T
     size = _resized_size(h, w, p)
     gh, gw = size[0] // p, size[1] // p
     numel = b * c * size[0] * size[1]
-    offset = feat[:, :, :1, :1] if centered else None
+    centered = offset is not None
     if path == "direct":
         blocks = feat.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
         rows = out[:numel].view(blocks.shape)
@@ -155,12 +156,16 @@ def _patch_rows(feat: Tensor, patch_size: int, centered: bool, path: str, out: T
         torch._C._nn.upsample_bilinear2d(feat, list(size), False, None, None, out=resized)
         blocks = resized.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
     elif path == "channels_last":
-        # Both copies move whole cache lines: the second reorders (p, c) blocks within a pixel row.
-        feat_cl = scratch[0][: feat.numel()].view(b, h, w, c)
+        # The map is first copied as it is: transposed straight from memory, its c channels would
+        # be c streams of reads, more than the prefetchers follow (1.5x slower for P5 than the two
+        # copies). The last copy moves whole cache lines: it reorders (p, c) blocks within a row.
+        copied = scratch[1][: feat.numel()].view(feat.shape)
         if centered:
-            torch.sub(feat.permute(0, 2, 3, 1), offset.permute(0, 2, 3, 1), out=feat_cl)
+            torch.sub(feat, offset, out=copied)
         else:
-            feat_cl.copy_(feat.permute(0, 2, 3, 1))
+            copied.copy_(feat)
+        feat_cl = scratch[0][: feat.numel()].view(b, h, w, c)
+        feat_cl.copy_(copied.permute(0, 2, 3, 1))
         resized = scratch[1][:numel].view(b, *size, c)
         torch._C._nn.upsample_bilinear2d(
             feat_cl.permute(0, 3, 1, 2), list(size), False, None, None, out=resized.permute(0, 3, 1, 2)
@@ -174,8 +179,11 @@ def _patch_rows(feat: Tensor, patch_size: int, centered: bool, path: str, out: T
             if centered:
                 feat = torch.sub(feat, offset, out=scratch[1][: feat.numel()].view(feat.shape))
             along_h = scratch[0][: b * c * size[0] * w].view(b, c, size[0], w)
-            for image in range(b):  # feat[image] is contiguous (feat[:, chunk] is not)
-                _resize_axis(feat[image].contiguous(), along_h[image])
+            if feat.is_contiguous():  # the centred copy, or a whole level
+                _resize_axis(feat, along_h)
+            else:  # a chunk of channels: contiguous per image
+                for image in range(b):
+                    _resize_axis(feat[image].contiguous(), along_h[image])
             transposed.copy_(along_h.transpose(2, 3))
         elif centered:
             torch.sub(feat.transpose(2, 3), offset, out=transposed)
@@ -268,11 +276,16 @@ class _PatchCKA(torch.autograd.Function):
         chunk_numel = b * (chunks[0].stop - chunks[0].start) * math.prod(_resized_size(h, w, patch_size))
         rows_t = fs.new_empty(chunk_numel)
         scratch = None if path == "direct" else (fs.new_empty(chunk_numel), fs.new_empty(chunk_numel))
+        # The first pixels, once per level (see _patch_rows); broadcasting from a copy, not from a
+        # strided slice of the map, which costs some kernels 2x.
+        offset_s = fs[:, :, :1, :1].contiguous() if centered else None
+        offset_t = ft[:, :, :1, :1].contiguous() if centered else None
         rows_s = []
         with _no_autocast(fs):
             for chunk in chunks:
-                xs = _patch_rows(fs[:, chunk], patch_size, centered, path, fs.new_empty(chunk_numel), scratch)
-                xt = _patch_rows(ft[:, chunk], patch_size, centered, path, rows_t, scratch)
+                off_s, off_t = (offset_s[:, chunk], offset_t[:, chunk]) if centered else (None, None)
+                xs = _patch_rows(fs[:, chunk], patch_size, off_s, path, fs.new_empty(chunk_numel), scratch)
+                xt = _patch_rows(ft[:, chunk], patch_size, off_t, path, rows_t, scratch)
                 torch.bmm(xs, xs.transpose(1, 2), out=grams[0, chunk])
                 torch.bmm(xt, xt.transpose(1, 2), out=grams[1, chunk])
                 rows_s.append(xs)
@@ -294,16 +307,16 @@ class _PatchCKA(torch.autograd.Function):
         # K = R R^T gives dR = (G + G^T) R = 2 G R (G symmetric). When centred, the subtracted first
         # pixels would add -(sum of dR over the patches) to their own entries, but K is centred as
         # H K H, so G = H G H, 1^T G = 0 and that sum is zero: no step of its own.
-        scale = 2 * grad_values.to(grad_grams.dtype)[:, None, None]
+        # The incoming gradient is folded into the n x n matrices, the smallest objects here (the
+        # patch rows are larger), once per level: not in place, the saved Grams may serve again.
+        grad_grams = grad_grams * (2 * grad_values.to(grad_grams.dtype))[:, None, None]
         grad_fs = grad_grams.new_empty(ctx.in_shape)
         chunk_numel = rows_s[0].numel()  # per-chunk buffers, reused
         grad_rows = grad_grams.new_empty(chunk_numel)
         scratch = None if ctx.path == "direct" else (grad_grams.new_empty(chunk_numel), grad_grams.new_empty(chunk_numel))
         for chunk, xs in zip(ctx.chunks, rows_s):
-            # The incoming gradient is folded into the chunk's n x n matrices, not the level's
-            # (which would be one more pass over all of them) nor the (larger) patch rows.
             blocks = grad_rows[: xs.numel()].view(xs.shape)
-            torch.bmm(grad_grams[chunk] * scale[chunk], xs, out=blocks)
+            torch.bmm(grad_grams[chunk], xs, out=blocks)
             _grad_from_rows(blocks, grad_fs[:, chunk], ctx.path, ctx.patch_size, scratch)
         return grad_fs.to(ctx.in_dtype), None, None, None
 
