@@ -307,6 +307,10 @@ def cka_and_gradient(k: Tensor, l: Tensor, centered: bool = True) -> tuple[Tenso
     return cka_and_gradient_(grams, centered)
 
 
+def _positive_or_one(scale: Tensor) -> Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def cka_and_gradient_(grams: Tensor, centered: bool = True) -> tuple[Tensor, Tensor]:
     """``cka_and_gradient(grams[0], grams[1])`` computed in place in ``grams`` (2, ..., n, n).
 
@@ -328,12 +332,17 @@ def cka_and_gradient_(grams: Tensor, centered: bool = True) -> tuple[Tensor, Ten
     with torch.no_grad(), _no_autocast(grams):
         if centered:
             # H K H for symmetric K: subtract the row means, then the column means (the row means
-            # transposed) less the grand mean.
+            # transposed) less the grand mean, dividing by the scale in the same pass. The scale,
+            # the largest diagonal entry of HKH, comes from K's diagonal and the means alone.
             row_mean = grams.mean(dim=-1, keepdim=True)
-            grams.sub_(row_mean).sub_(row_mean.transpose(-1, -2) - row_mean.mean(dim=-2, keepdim=True))
-        scale = torch.diagonal(grams, dim1=-2, dim2=-1).amax(dim=-1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        grams.div_(scale[..., None, None])
+            col_term = row_mean.transpose(-1, -2) - row_mean.mean(dim=-2, keepdim=True)
+            diagonal = torch.diagonal(grams, dim1=-2, dim2=-1) - row_mean[..., 0] - col_term[..., 0, :]
+            scale = _positive_or_one(diagonal.amax(dim=-1))
+            grams.sub_(row_mean)
+            torch.addcdiv(col_term / -scale[..., None, None], grams, scale[..., None, None], out=grams)
+        else:
+            scale = _positive_or_one(torch.diagonal(grams, dim1=-2, dim2=-1).amax(dim=-1))
+            grams.div_(scale[..., None, None])
         n2 = grams.shape[-1] * grams.shape[-2]
         flat = grams.reshape(2, -1, n2)  # a view: grams is contiguous in its last two dims
         inner = torch.bmm(flat.transpose(0, 1), flat.permute(1, 2, 0))  # (batch, 2, 2)

@@ -106,147 +106,162 @@ def _axis_view(t: Tensor) -> Tensor:
 
 
 def _resize_axis(src: Tensor, out: Tensor) -> None:
-    """Bilinear resize (align_corners=False) of contiguous ``src`` (..., A, B) along A into ``out`` (..., A', B)."""
-    torch._C._nn.upsample_bilinear2d(_axis_view(src), [out.shape[-2], 1], False, None, None, out=_axis_view(out))
+    """Bilinear resize (align_corners=False) along A of ``_axis_view``s: ``src`` (N, B, A, 1) into ``out`` (N, B, A', 1)."""
+    torch._C._nn.upsample_bilinear2d(src, [out.shape[2], 1], False, None, None, out=out)
 
 
 def _resize_axis_backward(grad_out: Tensor, grad_in: Tensor) -> None:
-    """The adjoint of ``_resize_axis``: ``grad_in`` (..., A, B) from ``grad_out`` (..., A', B)."""
-    view_in = _axis_view(grad_in)
+    """The adjoint of ``_resize_axis``, on ``_axis_view``s: ``grad_in`` (N, B, A, 1) from ``grad_out`` (N, B, A', 1)."""
     torch.ops.aten.upsample_bilinear2d_backward.grad_input(
-        _axis_view(grad_out), [grad_out.shape[-2], 1], list(view_in.shape), False, None, None, grad_input=view_in
+        grad_out, [grad_out.shape[2], 1], list(grad_in.shape), False, None, None, grad_input=grad_in
     )
 
 
+class _Scratch:
+    """Flat work buffers reused by every chunk of a level, and their views, made once per shape.
+
+    A chunk's steps need a dozen views of the buffers; made afresh, they cost as much Python time
+    as a small chunk's copies.
+    """
+
+    def __init__(self, like: Tensor, numel: int, count: int = 2):
+        self.buffers = [like.new_empty(numel) for _ in range(count)]
+        self._views: dict = {}
+
+    def __call__(self, index: int, *shape: int, axis: bool = False) -> Tensor:
+        """Buffer ``index`` viewed as contiguous ``shape`` (as its ``_axis_view`` with ``axis``)."""
+        key = (index, shape, axis)
+        view = self._views.get(key)
+        if view is None:
+            view = self.buffers[index][: math.prod(shape)].view(shape)
+            if axis:
+                view = _axis_view(view)
+            self._views[key] = view
+        return view
+
+
 def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str, out: Tensor,
-                scratch: tuple[Tensor, Tensor] | None) -> Tensor:
+                scratch: _Scratch | None) -> Tensor:
     """``patchify`` of a float32 map into ``out``, on ``path``; of ``feat - offset`` if an offset is given.
 
-    ``out`` (flat, at least the rows' size) receives the rows; ``scratch`` is two flat buffers of
+    ``out`` (flat, at least the rows' size) receives the rows; ``scratch`` holds two buffers of
     that size for the resize (None on the ``direct`` path). Reusing them across a level's chunks
     keeps them in cache and spares malloc.
 
     Centred, the offset (B, C, 1, 1) is the map's first pixel: each image's channel first loses
-    its top-left value, in the first pass over the map
-    (fused into a copy where the path has one). That subtracts the same number from every entry
-    of a column of X (a column holds one image's pixels), which the centred Gram ignores, and it
-    removes any offset exactly: a constant channel is exact zeros before the resize, so its Gram
-    is exactly zero whatever the resize's rounding (subtracting after the resize would leave that
-    rounding, a few ulp of the offset, for the CKA to normalise into noise). The Gram is then
-    formed from numbers of the data's own spread and centred at O(n^2) (``cka_and_gradient_``).
+    its top-left value, in the first pass over the map (fused into a copy where the path has one).
+    That subtracts the same number from every entry of a column of X (a column holds one image's
+    pixels), which the centred Gram ignores, and it removes any offset exactly: a constant channel
+    is exact zeros before the resize, so its Gram is exactly zero whatever the resize's rounding
+    (subtracting after the resize would leave that rounding, a few ulp of the offset, for the CKA
+    to normalise into noise). The Gram is then formed from numbers of the data's own spread and
+    centred at O(n^2) (``cka_and_gradient_``).
     """
     b, c, h, w = feat.shape
     p = patch_size
-    size = _resized_size(h, w, p)
-    gh, gw = size[0] // p, size[1] // p
-    numel = b * c * size[0] * size[1]
-    centered = offset is not None
+    size_h, size_w = _resized_size(h, w, p)
+    gh, gw = size_h // p, size_w // p
+    numel = b * c * size_h * size_w
     if path == "direct":
         blocks = feat.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
         rows = out[:numel].view(blocks.shape)
-        if centered:
-            torch.sub(blocks, offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5), out=rows)
-        else:
+        if offset is None:
             rows.copy_(blocks)
+        else:
+            torch.sub(blocks, offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5), out=rows)
         return rows.view(c, gh * gw, b * p * p)
     if path == "nchw":
-        if centered:
-            feat = torch.sub(feat, offset, out=scratch[1][: feat.numel()].view(feat.shape))
-        resized = scratch[0][:numel].view(b, c, *size)
-        torch._C._nn.upsample_bilinear2d(feat, list(size), False, None, None, out=resized)
+        if offset is not None:
+            feat = torch.sub(feat, offset, out=scratch(1, b, c, h, w))
+        resized = scratch(0, b, c, size_h, size_w)
+        torch._C._nn.upsample_bilinear2d(feat, [size_h, size_w], False, None, None, out=resized)
         blocks = resized.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
     elif path == "channels_last":
         # The map is first copied as it is: transposed straight from memory, its c channels would
         # be c streams of reads, more than the prefetchers follow (1.5x slower for P5 than the two
         # copies). The last copy moves whole cache lines: it reorders (p, c) blocks within a row.
-        copied = scratch[1][: feat.numel()].view(feat.shape)
-        if centered:
-            torch.sub(feat, offset, out=copied)
-        else:
+        copied = scratch(1, b, c, h, w)
+        if offset is None:
             copied.copy_(feat)
-        feat_cl = scratch[0][: feat.numel()].view(b, h, w, c)
+        else:
+            torch.sub(feat, offset, out=copied)
+        feat_cl = scratch(0, b, h, w, c)
         feat_cl.copy_(copied.permute(0, 2, 3, 1))
-        resized = scratch[1][:numel].view(b, *size, c)
+        resized = scratch(1, b, size_h, size_w, c)
         torch._C._nn.upsample_bilinear2d(
-            feat_cl.permute(0, 3, 1, 2), list(size), False, None, None, out=resized.permute(0, 3, 1, 2)
+            feat_cl.permute(0, 3, 1, 2), [size_h, size_w], False, None, None, out=resized.permute(0, 3, 1, 2)
         )
-        lines = scratch[0][:numel].view(b, gh, p, gw, c, p)  # (b, gh, p1, gw, c, p2)
+        lines = scratch(0, b, gh, p, gw, c, p)  # (b, gh, p1, gw, c, p2)
         lines.copy_(resized.view(b, gh, p, gw, p, c).transpose(4, 5))
         blocks = lines.permute(4, 1, 3, 0, 2, 5)
     else:  # separable
-        transposed = scratch[1][: b * c * w * size[0]].view(b, c, w, size[0])
-        if h != size[0]:
-            if centered:
-                feat = torch.sub(feat, offset, out=scratch[1][: feat.numel()].view(feat.shape))
-            along_h = scratch[0][: b * c * size[0] * w].view(b, c, size[0], w)
-            if feat.is_contiguous():  # the centred copy, or a whole level
-                _resize_axis(feat, along_h)
+        transposed = scratch(1, b, c, w, size_h)
+        if h != size_h:
+            along_h = scratch(0, b, c, size_h, w)
+            if offset is not None:
+                torch.sub(feat, offset, out=scratch(1, b, c, h, w))
+                _resize_axis(scratch(1, b, c, h, w, axis=True), scratch(0, b, c, size_h, w, axis=True))
+            elif feat.is_contiguous():  # a whole level
+                _resize_axis(_axis_view(feat), scratch(0, b, c, size_h, w, axis=True))
             else:  # a chunk of channels: contiguous per image
                 for image in range(b):
-                    _resize_axis(feat[image].contiguous(), along_h[image])
+                    _resize_axis(_axis_view(feat[image].contiguous()), _axis_view(along_h[image]))
             transposed.copy_(along_h.transpose(2, 3))
-        elif centered:
-            torch.sub(feat.transpose(2, 3), offset, out=transposed)
-        else:
+        elif offset is None:
             transposed.copy_(feat.transpose(2, 3))
+        else:
+            torch.sub(feat.transpose(2, 3), offset, out=transposed)
         resized_t = transposed
-        if w != size[1]:
-            resized_t = scratch[0][:numel].view(b, c, size[1], size[0])
-            _resize_axis(transposed, resized_t)
+        if w != size_w:
+            resized_t = scratch(0, b, c, size_w, size_h)
+            _resize_axis(scratch(1, b, c, w, size_h, axis=True), scratch(0, b, c, size_w, size_h, axis=True))
         blocks = resized_t.view(b, c, gw, p, gh, p).permute(1, 2, 4, 0, 3, 5)  # (c, gw, gh, b, p2, p1)
     rows = out[:numel].view(blocks.shape)
     rows.copy_(blocks)
     return rows.view(c, gh * gw, b * p * p)
 
 
-def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, path: str, patch_size: int,
-                    scratch: tuple[Tensor, Tensor]) -> None:
-    """The adjoint of ``_patch_rows`` (less the centring, see backward): ``grad_in`` (b, k, h, w) from the rows' gradient.
+def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, path: str, patch_size: int, scratch: _Scratch | None) -> None:
+    """The adjoint of ``_patch_rows`` (less the offset, see backward): ``grad_in`` (b, k, h, w) from the rows' gradient.
 
-    ``grad_rows`` (k, n, b * p * p) is contiguous and may be overwritten; ``scratch`` is two flat
-    buffers of its size.
+    ``grad_rows`` (k, n, b * p * p) is contiguous; ``scratch`` holds two buffers of its size.
     """
     b, k, h, w = grad_in.shape
     p = patch_size
-    size = _resized_size(h, w, p)
-    gh, gw = size[0] // p, size[1] // p
-    numel = grad_rows.numel()
+    size_h, size_w = _resized_size(h, w, p)
+    gh, gw = size_h // p, size_w // p
     if path == "direct":
         grad_in.view(b, k, gh, p, gw, p).copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 0, 1, 4, 2, 5))
     elif path == "nchw":
-        grad_map = scratch[0][:numel].view(b, k, gh, p, gw, p)
+        grad_map = scratch(0, b, k, gh, p, gw, p)
         grad_map.copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 0, 1, 4, 2, 5))
         torch.ops.aten.upsample_bilinear2d_backward.grad_input(
-            grad_map.view(b, k, *size), list(size), [b, k, h, w], False, None, None, grad_input=grad_in
+            scratch(0, b, k, size_h, size_w), [size_h, size_w], [b, k, h, w], False, None, None, grad_input=grad_in
         )
     elif path == "channels_last":
         # The forward's copies in reverse, then torch's channels-last resize backward.
-        lines = scratch[0][:numel].view(b, gh, p, gw, k, p)
+        lines = scratch(0, b, gh, p, gw, k, p)
         lines.copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 1, 4, 2, 0, 5))
-        grad_map = scratch[1][:numel].view(b, gh, p, gw, p, k)
-        grad_map.copy_(lines.transpose(4, 5))
-        grad_cl = scratch[0][: grad_in.numel()].view(b, h, w, k)
+        scratch(1, b, gh, p, gw, p, k).copy_(lines.transpose(4, 5))
+        grad_cl = scratch(0, b, h, w, k)
         torch.ops.aten.upsample_bilinear2d_backward.grad_input(
-            grad_map.view(b, *size, k).permute(0, 3, 1, 2), list(size), [b, k, h, w], False, None, None,
+            scratch(1, b, size_h, size_w, k).permute(0, 3, 1, 2), [size_h, size_w], [b, k, h, w], False, None, None,
             grad_input=grad_cl.permute(0, 3, 1, 2),
         )
         grad_in.copy_(grad_cl.permute(0, 3, 1, 2))
     else:  # separable: W's backward on the transposed map, transpose, H's backward into grad_in
-        grad_t = scratch[0][:numel].view(b, k, gw, p, gh, p)
-        grad_t.copy_(grad_rows.view(k, gw, gh, b, p, p).permute(3, 0, 1, 4, 2, 5))
-        grad_t = grad_t.view(b, k, size[1], size[0])
-        free = scratch[1]
-        if w != size[1]:
-            grad_tw = scratch[1][: b * k * w * size[0]].view(b, k, w, size[0])
-            _resize_axis_backward(grad_t, grad_tw)
-            grad_t, free = grad_tw, scratch[0]
-        if h == size[0]:
+        scratch(0, b, k, gw, p, gh, p).copy_(grad_rows.view(k, gw, gh, b, p, p).permute(3, 0, 1, 4, 2, 5))
+        grad_t, free = scratch(0, b, k, size_w, size_h), 1
+        if w != size_w:
+            _resize_axis_backward(scratch(0, b, k, size_w, size_h, axis=True), scratch(1, b, k, w, size_h, axis=True))
+            grad_t, free = scratch(1, b, k, w, size_h), 0
+        if h == size_h:
             grad_in.copy_(grad_t.transpose(2, 3))
             return
-        grad_h = free[: b * k * size[0] * w].view(b, k, size[0], w)
+        grad_h = scratch(free, b, k, size_h, w)
         grad_h.copy_(grad_t.transpose(2, 3))
         for image in range(b):  # grad_in[image] is contiguous: a slice of channels of one image
-            _resize_axis_backward(grad_h[image], grad_in[image])
+            _resize_axis_backward(_axis_view(grad_h[image]), _axis_view(grad_in[image]))
 
 
 def _channel_chunks(feat: Tensor, patch_size: int, path: str) -> list[slice]:
@@ -275,7 +290,7 @@ class _PatchCKA(torch.autograd.Function):
         # by every chunk; the student's rows are kept for backward.
         chunk_numel = b * (chunks[0].stop - chunks[0].start) * math.prod(_resized_size(h, w, patch_size))
         rows_t = fs.new_empty(chunk_numel)
-        scratch = None if path == "direct" else (fs.new_empty(chunk_numel), fs.new_empty(chunk_numel))
+        scratch = None if path == "direct" else _Scratch(fs, chunk_numel)
         # The first pixels, once per level (see _patch_rows); broadcasting from a copy, not from a
         # strided slice of the map, which costs some kernels 2x.
         offset_s = fs[:, :, :1, :1].contiguous() if centered else None
@@ -313,7 +328,7 @@ class _PatchCKA(torch.autograd.Function):
         grad_fs = grad_grams.new_empty(ctx.in_shape)
         chunk_numel = rows_s[0].numel()  # per-chunk buffers, reused
         grad_rows = grad_grams.new_empty(chunk_numel)
-        scratch = None if ctx.path == "direct" else (grad_grams.new_empty(chunk_numel), grad_grams.new_empty(chunk_numel))
+        scratch = None if ctx.path == "direct" else _Scratch(grad_grams, chunk_numel)
         for chunk, xs in zip(ctx.chunks, rows_s):
             blocks = grad_rows[: xs.numel()].view(xs.shape)
             torch.bmm(grad_grams[chunk], xs, out=blocks)
