@@ -25,7 +25,10 @@ per 4 KiB. So the same command's PCKA time can swing by a third from one process
 (92 to 142 ms seen). ``--keep_freed_memory`` re-runs the script with glibc told to keep freed
 memory (``GLIBC_TUNABLES`` mmap and trim thresholds of 1 and 4 GiB), as PyTorch's CUDA caching
 allocator does: steadier, and harder on the ratio, since the matmul bound loses its page faults
-too (and so does the per-channel loop, which gains the most).
+too (and so does the per-channel loop, which gains the most). Beyond the allocator, on the 2-vCPU
+VM where this was developed a 2-thread process runs PCKA's memory-bound work either at full speed
+or about 1.5x slower for its whole life (74 or 115 ms, same code and heap; at 1 thread every
+process takes 127-133 ms), while the matmuls do not change: hence the median over processes.
 
 Peak memory: bytes one forward+backward needs beyond the inputs. CUDA: the caching allocator's
 counter. CPU: growth of the resident set's high-water mark over one step, in a fresh process per
