@@ -124,8 +124,9 @@ class _Scratch:
     as a small chunk's copies.
     """
 
-    def __init__(self, like: Tensor, numel: int, count: int = 2):
-        self.buffers = [like.new_empty(numel) for _ in range(count)]
+    def __init__(self, like: Tensor, numel: int):
+        self.like, self.numel = like, numel
+        self.buffers: dict[int, Tensor] = {}  # allocated when first used
         self._views: dict = {}
 
     def __call__(self, index: int, *shape: int, axis: bool = False) -> Tensor:
@@ -133,6 +134,8 @@ class _Scratch:
         key = (index, shape, axis)
         view = self._views.get(key)
         if view is None:
+            if index not in self.buffers:
+                self.buffers[index] = self.like.new_empty(self.numel)
             view = self.buffers[index][: math.prod(shape)].view(shape)
             if axis:
                 view = _axis_view(view)
@@ -144,8 +147,8 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
                 scratch: _Scratch | None) -> Tensor:
     """``patchify`` of a float32 map into ``out``, on ``path``; of ``feat - offset`` if an offset is given.
 
-    ``out`` (flat, at least the rows' size) receives the rows; ``scratch`` holds two buffers of
-    that size for the resize (None on the ``direct`` path). Reusing them across a level's chunks
+    ``out`` (flat, at least the rows' size) receives the rows; ``scratch`` holds buffers of that
+    size for the resize (None on the ``direct`` path). Reusing them across a level's chunks
     keeps them in cache and spares malloc.
 
     Centred, the offset (B, C, 1, 1) is the map's first pixel: each image's channel first loses
@@ -170,9 +173,9 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
         else:
             torch.sub(blocks, offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5), out=rows)
         return rows.view(c, gh * gw, b * p * p)
-    if path == "nchw":
-        if offset is not None:
-            feat = torch.sub(feat, offset, out=scratch(1, b, c, h, w))
+    if path == "nchw":  # on GPU a chunk is a whole level: one work buffer, not two
+        if offset is not None:  # into out, which the resize reads before the rows overwrite it
+            feat = torch.sub(feat, offset, out=out[: feat.numel()].view(feat.shape))
         resized = scratch(0, b, c, size_h, size_w)
         torch._C._nn.upsample_bilinear2d(feat, [size_h, size_w], False, None, None, out=resized)
         blocks = resized.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
