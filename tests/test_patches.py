@@ -110,8 +110,17 @@ def test_channels_last_chunks_are_whole_vectors_of_channels(monkeypatch):
     feat = torch.empty(2, 256, 25, 38)  # P5 of an 800 x 1216 image: 32 x 48 once resized
     assert patches_module._level_path(feat, feat, 16) == "channels_last"
     chunks = patches_module._channel_chunks(feat, 16, "channels_last")
-    assert [c.stop - c.start for c in chunks] == [160, 96]  # 170 fit in CPU_CHUNK_ELEMENTS
-    assert len(patches_module._channel_chunks(feat, 16, "separable")) == 2  # 170 + 86
+    assert [c.stop - c.start for c in chunks] == [128, 128]  # 1.5 chunks' worth of CPU_CHUNK_ELEMENTS
+
+
+def test_chunks_split_the_channels_evenly_and_cover_them_once():
+    p3 = torch.empty(2, 256, 100, 152)  # 112 x 160 once resized: 256 channels make 17.5 chunks' worth
+    sizes = [c.stop - c.start for c in patches_module._channel_chunks(p3, 16, "separable")]
+    assert len(sizes) == 18 and set(sizes) == {14, 15} and sum(sizes) == 256
+    odd = torch.empty(1, 7, 5, 5)
+    for path in ("separable", "channels_last"):
+        chunks = patches_module._channel_chunks(odd, 4, path)
+        assert [i for chunk in chunks for i in range(chunk.start, chunk.stop)] == list(range(7))
 
 
 @pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
