@@ -372,12 +372,12 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
 
     Where the time goes (CPU, RetinaNet P3-P6 at batch 2, ``benchmarks/bench_losses.py``): about
     half the matmuls; a quarter the forward (two resize passes, one transposing copy and the
-    rows' copy per map); a sixth the backward's; the rest the CKA on the Grams, Python and small
+    rows' copy per map); a fifth the backward's; the rest the CKA on the Grams, Python and small
     ops. Tried and measured slower: recomputing the student's rows in backward instead of keeping
     them (less memory, one more resize), torch's NCHW resize, resizing channels-last through
     a transposing copy of a large map, both axes in "patch-row" layouts (the W pass then runs on
-    vectors of 16), a sparse resize matrix, symmetric half-Gram products, smaller or larger
-    chunks. ``torch.compile`` fuses resize and rearrangement faster still on CPU, but detection
+    vectors of 16), H's backward per image straight into the gradient (a copy fewer, two calls
+    more), a sparse resize matrix, symmetric half-Gram products, smaller or larger chunks. ``torch.compile`` fuses resize and rearrangement faster still on CPU, but detection
     batches change size every step, and recompiling per shape would cost more.
 
     Memory: the student's patch rows are kept from forward to backward, as autograd would keep
