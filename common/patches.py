@@ -299,8 +299,8 @@ class _PatchCKA(torch.autograd.Function):
         b, c, h, w = fs.shape
         n = math.prod(patch_grid(h, w, patch_size))
         grams = fs.new_empty(2, c, n, n)  # student's and teacher's, one buffer for cka_and_gradient_
-        # The teacher's rows and the resize's scratch are reused
-        # by every chunk; the student's rows are kept for backward.
+        # The teacher's rows and the resize's scratch are reused by every chunk; the student's rows
+        # are kept for backward.
         chunk_numel = b * max(ch.stop - ch.start for ch in chunks) * math.prod(_resized_size(h, w, patch_size))
         rows_t = fs.new_empty(chunk_numel)
         scratch = None if path == "direct" else _Scratch(fs, chunk_numel)
