@@ -346,13 +346,14 @@ def cka_and_gradient_(grams: Tensor, centered: bool = True) -> tuple[Tensor, Ten
         n2 = grams.shape[-1] * grams.shape[-2]
         flat = grams.reshape(2, -1, n2)  # a view: grams is contiguous in its last two dims
         inner = torch.bmm(flat.transpose(0, 1), flat.permute(1, 2, 0))  # (batch, 2, 2)
-        kk, kl, ll = (inner[:, i, j].reshape(grams.shape[1:-2]) for i, j in ((0, 0), (0, 1), (1, 1)))
-        degenerate = (kk < EPS) | (ll < EPS)
-        rk, rl = torch.rsqrt(kk.clamp_min(EPS)), torch.rsqrt(ll.clamp_min(EPS))
-        zero = torch.zeros_like(kk)
-        value = torch.where(degenerate, zero, kl * rk * rl)
-        coef_l = torch.where(degenerate, zero, rk * rl / scale[0])
-        coef_k = torch.where(degenerate, zero, -value * rk * rk / scale[0])
+        squares = inner.diagonal(dim1=-2, dim2=-1)  # <K, K> and <L, L>, (batch, 2)
+        # A degenerate pair gets zero coefficients (the factors are finite: the Grams are rescaled).
+        defined = (squares >= EPS).all(dim=-1).to(inner.dtype)
+        rsqrt = squares.clamp_min(EPS).rsqrt()
+        rk_rl = rsqrt.prod(dim=-1) * defined
+        value = (inner[:, 0, 1] * rk_rl).reshape(grams.shape[1:-2])
+        coef_l = (rk_rl / scale[0].reshape(-1)).reshape(grams.shape[1:-2])
+        coef_k = -value * (rsqrt[:, 0].square() / scale[0].reshape(-1)).reshape(grams.shape[1:-2])
         grad = grams[1].mul_(coef_l[..., None, None]).addcmul_(grams[0], coef_k[..., None, None])
     return value, grad
 
