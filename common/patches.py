@@ -82,8 +82,8 @@ def _level_path(feat_s: Tensor, feat_t: Tensor, patch_size: int) -> str:
     * ``separable`` (CPU, larger maps): the resize one axis at a time, each pass torch's
       channels-last kernel applied to a view in which the other axis plays the channels: along H
       on the map as it is (vectorised along W), then along W on its transpose (vectorised along
-      H). One transpose in all (``_transposed``), and no pass of torch's per-element NCHW kernel, which
-      costs about as much as the rest together. Bilinear interpolation is separable, so this is
+      H). One transpose in all (``_transposed``), and no pass of torch's per-element NCHW
+      kernel, which costs about as much as the rest together. Bilinear interpolation is separable, so this is
       the same resize up to rounding. Its rows list the patches column by column and each patch
       transposed, which leaves every Gram's CKA unchanged (the same reordering of samples and
       features on both sides). Its work buffers are channel-major (C, B, ...): torch splits each
