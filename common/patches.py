@@ -110,7 +110,7 @@ def _axis_view(t: Tensor) -> Tensor:
 
 
 def _resize_axis(src: Tensor, out: Tensor) -> None:
-    """Bilinear resize (align_corners=False) along A of ``_axis_view``s: ``src`` (N, B, A, 1) into ``out`` (N, B, A', 1)."""
+    """Bilinear resize (align_corners=False) along A of ``_axis_view``s: (N, B, A, 1) into (N, B, A', 1)."""
     torch._C._nn.upsample_bilinear2d(src, [out.shape[2], 1], False, None, None, out=out)
 
 
@@ -380,14 +380,16 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
     ``_level_path``), small ones channels-last with chunks of whole vectors of channels.
 
     Where the time goes (CPU, RetinaNet P3-P6 at batch 2, ``benchmarks/bench_losses.py``): about
-    half the matmuls; a quarter the forward (two resize passes, one transposing copy and the
-    rows' copy per map); a fifth the backward's; the rest the CKA on the Grams, Python and small
-    ops. Tried and measured slower: recomputing the student's rows in backward instead of keeping
-    them (less memory, one more resize), torch's NCHW resize, resizing channels-last through
-    a transposing copy of a large map, both axes in "patch-row" layouts (the W pass then runs on
-    vectors of 16), H's backward per image straight into the gradient (a copy fewer, two calls
-    more), a sparse resize matrix, symmetric half-Gram products, smaller or larger chunks. ``torch.compile`` fuses resize and rearrangement faster still on CPU, but detection
-    batches change size every step, and recompiling per shape would cost more.
+    half the matmuls; a quarter the forward (per map: the read of the map, two resize passes, a
+    transpose and the rows' copy); a fifth the backward's; the rest the CKA on the Grams, Python
+    and small ops (about 0.15 ms of op calls per chunk). Tried and measured slower: recomputing
+    the student's rows in backward instead of keeping them (less memory, one more resize),
+    torch's NCHW resize, resizing channels-last through a transpose of a large map, both axes in
+    "patch-row" layouts (the W pass then runs on vectors of 16), H's backward per image straight
+    into the gradient (a copy fewer, two calls more), ``channel_shuffle``'s ``out=`` form (it
+    copies through a temporary), a sparse resize matrix, symmetric half-Gram products, smaller
+    or larger chunks. ``torch.compile`` fuses resize and rearrangement faster still on CPU, but
+    detection batches change size every step, and recompiling per shape would cost more.
 
     Memory: the student's patch rows are kept from forward to backward, as autograd would keep
     them; nothing level-sized is allocated besides them, the input gradient and (on GPU, one chunk
