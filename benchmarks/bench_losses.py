@@ -201,7 +201,8 @@ def time_against_bound(variants, device, repeats):
 
 def _python_env():
     """The environment for a child process of this script: the repo importable."""
-    return os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    repo = str(Path(__file__).resolve().parents[1])
+    return os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
 
 
 def time_against_bound_in_processes(variants, processes, repeats, threads):

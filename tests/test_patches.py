@@ -81,14 +81,20 @@ def test_patch_cka_equals_linear_cka_of_the_patches_with_the_same_gradient(small
 def force_path(monkeypatch, path):
     """Send every level that needs a resize down ``path`` (``nchw`` is the GPU's; it runs on CPU too)."""
     choose = patches_module._level_path
-    monkeypatch.setattr(patches_module, "_level_path", lambda s, t, p: "direct" if choose(s, t, p) == "direct" else path)
+    monkeypatch.setattr(
+        patches_module, "_level_path", lambda s, t, p: "direct" if choose(s, t, p) == "direct" else path
+    )
 
 
 @pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
 @pytest.mark.parametrize("chunk_elements", [400, 1 << 19])
 # Both sides resized, only H, only W; and a teacher already on the grid that the student is not.
-@pytest.mark.parametrize("size_s,size_t", [((13, 19), (13, 19)), ((61, 70), (64, 70)), ((64, 70), (61, 72)), ((61, 70), (64, 72))])
-def test_every_resize_path_and_chunking_gives_the_same_values_and_gradients(monkeypatch, path, chunk_elements, size_s, size_t):
+@pytest.mark.parametrize(
+    "size_s,size_t", [((13, 19), (13, 19)), ((61, 70), (64, 70)), ((64, 70), (61, 72)), ((61, 70), (64, 72))]
+)
+def test_every_resize_path_and_chunking_gives_the_same_values_and_gradients(
+    monkeypatch, path, chunk_elements, size_s, size_t
+):
     # 11 channels: one chunk, or chunks of a few (the last one short).
     gen = torch.Generator().manual_seed(3)
     fs = torch.randn(2, 11, *size_s, generator=gen, dtype=torch.float64).requires_grad_()
