@@ -83,14 +83,14 @@ def _level_path(feat_s: Tensor, feat_t: Tensor, patch_size: int) -> str:
       channels-last kernel applied to a view in which the other axis plays the channels: along H
       on the map as it is (vectorised along W), then along W on its transpose (vectorised along
       H). One transpose in all (``_transposed``), and no pass of torch's per-element NCHW
-      kernel, which costs about as much as the rest together. Bilinear interpolation is separable, so this is
-      the same resize up to rounding. Its rows list the patches column by column and each patch
-      transposed, which leaves every Gram's CKA unchanged (the same reordering of samples and
-      features on both sides). Its work buffers are channel-major (C, B, ...): torch splits each
-      pass among threads by its outermost dimension, so every pass, like the Gram matmuls, gives
-      each thread the channels it wrote in the pass before. (Reading what another core just
-      wrote cost up to 5x more than reading one's own, in some phases of the 2-vCPU VM this was
-      measured on; 2-3% less time overall in the others.)
+      kernel, which costs about as much as the rest together. Bilinear interpolation is
+      separable, so this is the same resize up to rounding. Its rows list the patches column by
+      column and each patch transposed, which leaves every Gram's CKA unchanged (the same
+      reordering of samples and features on both sides). Its work buffers are channel-major
+      (C, B, ...): torch splits each pass among threads by its outermost dimension, so every
+      pass, like the Gram matmuls, gives each thread the channels it wrote in the pass before.
+      (Reading what another core just wrote cost up to 5x more than reading one's own, in some
+      phases of the 2-vCPU VM this was measured on; 2-3% less time overall in the others.)
     """
     size = _resized_size(*feat_s.shape[-2:], patch_size)
     if size == tuple(feat_s.shape[-2:]) and size == tuple(feat_t.shape[-2:]):
@@ -115,7 +115,7 @@ def _resize_axis(src: Tensor, out: Tensor) -> None:
 
 
 def _resize_axis_backward(grad_out: Tensor, grad_in: Tensor) -> None:
-    """The adjoint of ``_resize_axis``, on ``_axis_view``s: ``grad_in`` (N, B, A, 1) from ``grad_out`` (N, B, A', 1)."""
+    """The adjoint of ``_resize_axis``: ``grad_in`` (N, B, A, 1) from ``grad_out`` (N, B, A', 1)."""
     torch.ops.aten.upsample_bilinear2d_backward.grad_input(
         grad_out, [grad_out.shape[2], 1], list(grad_in.shape), False, None, None, grad_input=grad_in
     )
@@ -132,6 +132,14 @@ def _transposed(t: Tensor) -> Tensor:
     a, b = t.shape[-2], t.shape[-1]
     maps = t.as_strided((t.numel() // (a * b), a * b, 1, 1), (a * b, 1, a * b, a * b))
     return torch.channel_shuffle(maps, a).view(*t.shape[:-2], b, a)
+
+
+def _copy_minus(out: Tensor, src: Tensor, offset: Tensor | None) -> None:
+    """``out = src - offset`` (broadcast), or a plain copy where there is no offset: the first pass over a map."""
+    if offset is None:
+        out.copy_(src)
+    else:
+        torch.sub(src, offset, out=out)
 
 
 class _Scratch:
@@ -185,10 +193,9 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
     if path == "direct":
         blocks = feat.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
         rows = out[:numel].view(blocks.shape)
-        if offset is None:
-            rows.copy_(blocks)
-        else:
-            torch.sub(blocks, offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5), out=rows)
+        if offset is not None:
+            offset = offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5)
+        _copy_minus(rows, blocks, offset)
         return rows.view(c, gh * gw, b * p * p)
     if path == "nchw":  # on GPU a chunk is a whole level: one work buffer, not two
         if offset is not None:  # into out, which the resize reads before the rows overwrite it
@@ -200,11 +207,7 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
         # The map is first copied as it is (contiguous, for _transposed), then made channels-last;
         # after the resize, (p, c) blocks within a row are transposed, so that the rows' copy
         # moves whole cache lines.
-        copied = scratch(1, b, c, h, w)
-        if offset is None:
-            copied.copy_(feat)
-        else:
-            torch.sub(feat, offset, out=copied)
+        _copy_minus(scratch(1, b, c, h, w), feat, offset)
         feat_cl = _transposed(scratch(1, b, c, h * w)).view(b, h, w, c)
         resized = scratch(0, b, size_h, size_w, c)
         torch._C._nn.upsample_bilinear2d(
@@ -215,19 +218,13 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
     else:  # separable, channel-major (see _level_path)
         if h != size_h:
             # The H pass needs its input contiguous; the copy (or the centring) gives it.
-            src = scratch(1, c, b, h, w)
-            if offset is None:
-                src.copy_(feat.transpose(0, 1))
-            else:
-                torch.sub(feat.transpose(0, 1), offset.transpose(0, 1), out=src)
+            channel_major = None if offset is None else offset.transpose(0, 1)
+            _copy_minus(scratch(1, c, b, h, w), feat.transpose(0, 1), channel_major)
             _resize_axis(scratch(1, c, b, h, w, axis=True), scratch(0, c, b, size_h, w, axis=True))
             transposed = _transposed(scratch(0, c, b, size_h, w))
         else:
             transposed = scratch(1, c, b, w, size_h)
-            if offset is None:
-                transposed.copy_(feat.permute(1, 0, 3, 2))
-            else:
-                torch.sub(feat.permute(1, 0, 3, 2), offset.permute(1, 0, 3, 2), out=transposed)
+            _copy_minus(transposed, feat.permute(1, 0, 3, 2), None if offset is None else offset.permute(1, 0, 3, 2))
         resized_t = transposed
         if w != size_w:
             resized_t = scratch(0, c, b, size_w, size_h)
@@ -238,8 +235,9 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
     return rows.view(c, gh * gw, b * p * p)
 
 
-def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, path: str, patch_size: int, scratch: _Scratch | None) -> None:
-    """The adjoint of ``_patch_rows`` (less the offset, see backward): ``grad_in`` (b, k, h, w) from the rows' gradient.
+def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, path: str, patch_size: int,
+                    scratch: _Scratch | None) -> None:
+    """The adjoint of ``_patch_rows`` (less the offset, see backward): ``grad_in`` (b, k, h, w) from ``grad_rows``.
 
     ``grad_rows`` (k, n, b * p * p) is contiguous; ``scratch`` holds two buffers of its size.
     """
