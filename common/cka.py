@@ -27,8 +27,7 @@ Numerics, in one place:
     has squared norm >= 1, so the test ``< EPS`` catches exactly the zero ones: a constant
     representation, which subtracting a sample turns into exact zeros (``center_columns`` does
     that before taking the mean, so no rounding is left to amplify), or an all-zero one when
-    uncentred. Its
-    CKA is undefined; we return 0 with exactly zero gradient (``torch.where``, so no
+    uncentred. Its CKA is undefined; we return 0 with exactly zero gradient (``torch.where``, so no
     1/sqrt(EPS)-sized factor reaches the other side), instead of NaN.
 
 Difference from the paper's released code (Klayand/PCKA): its "CKA" never centres; it is the
@@ -73,10 +72,14 @@ def _no_autocast(t: Tensor):
     return contextlib.nullcontext()
 
 
+def _positive_or_one(scale: Tensor) -> Tensor:
+    """A scale to divide by: 1 where it is 0 (an all-zero matrix stays zero)."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def _rescale(t: Tensor, dims: tuple[int, int] = (-2, -1)) -> Tensor:
     """Divide by the detached largest |entry| per batch element (CKA is scale invariant)."""
-    scale = t.detach().abs().amax(dim=dims, keepdim=True)
-    return t / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return t / _positive_or_one(t.detach().abs().amax(dim=dims, keepdim=True))
 
 
 def _check_representation(x: Tensor, name: str) -> None:
@@ -305,10 +308,6 @@ def cka_and_gradient(k: Tensor, l: Tensor, centered: bool = True) -> tuple[Tenso
     k, l = _promote(k), _promote(l)
     grams = torch.stack([k, l.to(k.dtype)])
     return cka_and_gradient_(grams, centered)
-
-
-def _positive_or_one(scale: Tensor) -> Tensor:
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def cka_and_gradient_(grams: Tensor, centered: bool = True) -> tuple[Tensor, Tensor]:
