@@ -299,7 +299,8 @@ def main():
 
     results = {}
     pcka_variants = ("pcka_batched", "pcka_uncentred")
-    if device.type == "cpu" and args.processes > 1:
+    processes = args.processes if device.type == "cpu" else 1  # the spread to measure is the CPU VM's
+    if processes > 1:
         seconds, bound_ratio, spread, flops = time_against_bound_in_processes(
             pcka_variants, args.processes, args.repeats, torch.get_num_threads())
     else:
@@ -336,7 +337,6 @@ def main():
     print()
     malloc = "malloc keeps freed memory" if KEEP_FREED_MEMORY in os.environ.get("GLIBC_TUNABLES", "") else "default malloc"
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {malloc}")
-    processes = args.processes if device.type == "cpu" else 1
     where = f"median of {processes} processes of {args.repeats} alternating rounds each" if processes > 1 else \
         f"median of {args.repeats} alternating rounds"
     print(f"PCKA  batched / its Gram matmuls alone: {bound_ratio['pcka_batched']:5.2f}x centred, "

@@ -10,10 +10,10 @@
 
 Every flag of the task's train.py works as is (this parser extends the task's own). A task module may declare, beside
 its recipe, DEFAULT_SWEEP (the named sweep a command that names no run submits: no --sweep, --pairs, --methods,
---seeds, --teacher, --student, --method, --seed, --output_dir or --config-file) and SLURM_DEFAULTS (resources for its runs, e.g.
-{"nodes": 1, "gpus_per_node": 8, "timeout_min": 720}), so `python slurm/launch.py imagenet` alone submits the paper's
-Table 2 RCKA runs on one 8-GPU node each; every flag overrides them, and the launcher prints which defaults it
-applied (--device cpu leaves out the GPU default). SLURM flags that neither the command nor the task sets are not
+--seeds, --teacher, --student, --method, --seed, --output_dir or --config-file) and SLURM_DEFAULTS (resources for its
+runs, e.g. {"nodes": 1, "gpus_per_node": 8, "timeout_min": 720}), so `python slurm/launch.py imagenet` alone submits
+the paper's Table 2 RCKA runs on one 8-GPU node each; every flag overrides them, and the launcher prints which defaults
+it applied (--device cpu leaves out the GPU default). SLURM flags that neither the command nor the task sets are not
 passed, so the cluster's own defaults apply. Each run's output_dir is derived from its settings and made absolute at
 submission, so resubmitting a sweep skips finished runs (done.json), leaves alone runs whose job is still queued or
 running, and resubmits the rest, which resume from their checkpoint.pth. A preempted or timed-out job is requeued by
