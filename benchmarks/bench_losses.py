@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common.cli import UsageError, resolve_device
 from common.losses import KDLoss, PCKALoss, RCKALoss
 from common.patches import patchify
 
@@ -293,7 +294,10 @@ def main():
     if args.bound_child:
         _bound_child(args.repeats)
         return
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)  # a device this machine lacks is a one-line error, not a CUDA traceback
+    except UsageError as err:
+        parser.error(str(err))
     if args.processes < 1:
         parser.error(f"--processes must be at least 1, got {args.processes}.")
 
