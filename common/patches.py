@@ -36,6 +36,10 @@ SMALL_OUTPUT = 128
 # torch's channels-last bilinear kernels run at full speed on whole vectors of channels: 16 of
 # them are ~2x faster per element than 14, 32 ~3x (AVX2, float32).
 CHANNEL_VECTOR = 16
+# On CPU, MKL's Gram product X X^T runs 10-40% faster when X^T has a multiple of 8 columns (n = 70
+# patches: 134 GFLOP/s, 72: 160; 63: 103, 64: 171; 2 threads, AVX-512), so the patch rows are padded
+# with zero rows up to one, where that adds at most this fraction to the product's work.
+ROW_PADDING = 0.1
 
 
 def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -169,12 +173,13 @@ class _Scratch:
 
 
 def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str, out: Tensor,
-                scratch: _Scratch | None) -> Tensor:
+                scratch: _Scratch | None, padded_rows: int) -> Tensor:
     """``patchify`` of a float32 map into ``out``, on ``path``; of ``feat - offset`` if an offset is given.
 
-    ``out`` (flat, at least the rows' size) receives the rows; ``scratch`` holds buffers of that
-    size for the resize (None on the ``direct`` path). Reusing them across a level's chunks
-    keeps them in cache and spares malloc.
+    Returns the rows as (c, padded_rows, b * p * p), the patches' rows followed by zero rows up to
+    ``padded_rows`` (see ``_padded_rows``). ``out`` (flat, at least that size) receives them;
+    ``scratch`` holds buffers of the resized map's size (None on the ``direct`` path). Reusing
+    them across a level's chunks keeps them in cache and spares malloc.
 
     Centred, the offset (B, C, 1, 1) is the map's first pixel: each image's channel first loses
     its top-left value, in the first pass over the map (fused into a copy where the path has one).
@@ -189,14 +194,16 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
     p = patch_size
     size_h, size_w = _resized_size(h, w, p)
     gh, gw = size_h // p, size_w // p
-    numel = b * c * size_h * size_w
+    padded = out[: c * padded_rows * b * p * p].view(c, padded_rows, b * p * p)
+    rows = padded[:, : gh * gw]
     if path == "direct":
         blocks = feat.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
-        rows = out[:numel].view(blocks.shape)
         if offset is not None:
             offset = offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5)
-        _copy_minus(rows, blocks, offset)
-        return rows.view(c, gh * gw, b * p * p)
+        _copy_minus(rows.view(blocks.shape), blocks, offset)
+        if padded_rows > gh * gw:
+            padded[:, gh * gw:].zero_()
+        return padded
     if path == "nchw":  # on GPU a chunk is a whole level: one work buffer, not two
         if offset is not None:  # into out, which the resize reads before the rows overwrite it
             feat = torch.sub(feat, offset, out=out[: feat.numel()].view(feat.shape))
@@ -230,9 +237,10 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
             resized_t = scratch(0, c, b, size_w, size_h)
             _resize_axis(_axis_view(transposed), scratch(0, c, b, size_w, size_h, axis=True))
         blocks = resized_t.view(c, b, gw, p, gh, p).permute(0, 2, 4, 1, 3, 5)  # (c, gw, gh, b, p2, p1)
-    rows = out[:numel].view(blocks.shape)
-    rows.copy_(blocks)
-    return rows.view(c, gh * gw, b * p * p)
+    rows.view(blocks.shape).copy_(blocks)
+    if padded_rows > gh * gw:  # last: the nchw path's centring may have used that memory
+        padded[:, gh * gw:].zero_()
+    return padded
 
 
 def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, path: str, patch_size: int,
@@ -295,6 +303,24 @@ def _channel_chunks(feat: Tensor, patch_size: int, path: str) -> list[slice]:
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
 
+def _padded_rows(n: int, like: Tensor) -> int:
+    """Rows of the patch matrices as ``_patch_rows`` lays them out: n, or on CPU n padded to a multiple of 8."""
+    padded = -(-n // 8) * 8
+    return padded if like.device.type == "cpu" and padded - n <= ROW_PADDING * n else n
+
+
+def _gram(rows: Tensor, n: int, out: Tensor, scratch: Tensor | None) -> None:
+    """``out`` (k, n, n) = X X^T for the first n of ``rows`` (k, n_pad, d), through ``scratch`` if padded."""
+    if scratch is None:
+        torch.bmm(rows, rows.transpose(1, 2), out=out)
+        return
+    # X against the padded X: MKL's faster kernel for a multiple of 8 columns; the zero rows give
+    # zero columns, which the copy drops.
+    product = scratch[: rows.shape[0]]
+    torch.bmm(rows[:, :n], rows.transpose(1, 2), out=product)
+    out.copy_(product[..., :n])
+
+
 class _PatchCKA(torch.autograd.Function):
     """Per-channel CKA of patch Grams with a hand-written backward; see ``patch_cka``."""
 
@@ -308,8 +334,12 @@ class _PatchCKA(torch.autograd.Function):
         grams = fs.new_empty(2, c, n, n)  # student's and teacher's, one buffer for cka_and_gradient_
         # The teacher's rows and the resize's scratch are reused by every chunk; the student's rows
         # are kept for backward.
-        chunk_numel = b * max(ch.stop - ch.start for ch in chunks) * math.prod(_resized_size(h, w, patch_size))
-        rows_t = fs.new_empty(chunk_numel)
+        k_max = max(ch.stop - ch.start for ch in chunks)
+        chunk_numel = b * k_max * math.prod(_resized_size(h, w, patch_size))
+        n_pad = _padded_rows(n, fs)
+        rows_numel = max(chunk_numel, k_max * n_pad * b * patch_size**2)
+        rows_t = fs.new_empty(rows_numel)
+        gram_pad = fs.new_empty(k_max, n, n_pad) if n_pad != n else None
         scratch = None if path == "direct" else _Scratch(fs, chunk_numel)
         # The first pixels, once per level (see _patch_rows); broadcasting from a copy, not from a
         # strided slice of the map, which costs some kernels 2x.
@@ -319,11 +349,11 @@ class _PatchCKA(torch.autograd.Function):
         with _no_autocast(fs):
             for chunk in chunks:
                 off_s, off_t = (offset_s[:, chunk], offset_t[:, chunk]) if centered else (None, None)
-                xs = _patch_rows(fs[:, chunk], patch_size, off_s, path, fs.new_empty(chunk_numel), scratch)
-                xt = _patch_rows(ft[:, chunk], patch_size, off_t, path, rows_t, scratch)
-                torch.bmm(xs, xs.transpose(1, 2), out=grams[0, chunk])
-                torch.bmm(xt, xt.transpose(1, 2), out=grams[1, chunk])
-                rows_s.append(xs)
+                xs = _patch_rows(fs[:, chunk], patch_size, off_s, path, fs.new_empty(rows_numel), scratch, n_pad)
+                xt = _patch_rows(ft[:, chunk], patch_size, off_t, path, rows_t, scratch, n_pad)
+                _gram(xs, n, grams[0, chunk], gram_pad)
+                _gram(xt, n, grams[1, chunk], gram_pad)
+                rows_s.append(xs[:, :n])
             # Once per level, in place: its ~20 small ops per call cost more, called per chunk, than
             # the Grams' trip back through cache (the Grams are n x n, a few MiB for a whole level).
             # It centres the Grams when centred (see _patch_rows).
@@ -349,7 +379,7 @@ class _PatchCKA(torch.autograd.Function):
         chunk_numel = max(xs.numel() for xs in rows_s)  # per-chunk buffers, reused
         grad_rows = grad_grams.new_empty(chunk_numel)
         scratch = None if ctx.path == "direct" else _Scratch(grad_grams, chunk_numel)
-        for chunk, xs in zip(ctx.chunks, rows_s):
+        for chunk, xs in zip(ctx.chunks, rows_s):  # xs: (k, n, d), the first n of its padded rows
             blocks = grad_rows[: xs.numel()].view(xs.shape)
             torch.bmm(grad_grams[chunk], xs, out=blocks)
             _grad_from_rows(blocks, grad_fs[:, chunk], ctx.path, ctx.patch_size, scratch)
@@ -372,10 +402,13 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
     (``cka_and_gradient_``, in place on the level's stacked Grams), and backward is the one matmul
     ``2 G X`` per chunk followed by the resize's backward, the forward's steps in reverse.
 
-    On CPU the resize never uses torch's NCHW bilinear kernel, which gathers four pixels per
-    output element (~0.75 ns per element at 2 threads, as much as the rest of a chunk's work
-    together): large maps are resized one axis at a time by its channels-last kernel (see
-    ``_level_path``), small ones channels-last with chunks of whole vectors of channels.
+    On CPU the patch rows of a level are padded with zero rows to a multiple of 8 where that adds
+    little (P3's 70 patches become 72; ``_padded_rows``): MKL's Gram kernel is so much faster on
+    such shapes that P3's Gram, copy included, takes ~11% less time. The resize never uses
+    torch's NCHW bilinear kernel, which gathers four pixels per output element (~0.75 ns per
+    element at 2 threads, as much as the rest of a chunk's work together): large maps are resized
+    one axis at a time by its channels-last kernel (see ``_level_path``), small ones
+    channels-last with chunks of whole vectors of channels.
 
     Where the time goes (CPU, RetinaNet P3-P6 at batch 2, ``benchmarks/bench_losses.py``): about
     half the matmuls; a quarter the forward (per map: the read of the map, two resize passes, a

@@ -88,12 +88,16 @@ def force_path(monkeypatch, path):
 
 @pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
 @pytest.mark.parametrize("chunk_elements", [400, 1 << 19])
-# Both sides resized, only H, only W; and a teacher already on the grid that the student is not.
+# Both sides resized, only H, only W; a teacher already on the grid that the student is not; and
+# both on the grid (the direct path).
 @pytest.mark.parametrize(
-    "size_s,size_t", [((13, 19), (13, 19)), ((61, 70), (64, 70)), ((64, 70), (61, 72)), ((61, 70), (64, 72))]
+    "size_s,size_t",
+    [((13, 19), (13, 19)), ((61, 70), (64, 70)), ((64, 70), (61, 72)), ((61, 70), (64, 72)), ((16, 20), (16, 20))],
 )
+# Patch rows as they come (20 of them for 13 x 19), or padded with zero rows to a multiple of 8.
+@pytest.mark.parametrize("row_padding", [0.0, 1.0])
 def test_every_resize_path_and_chunking_gives_the_same_values_and_gradients(
-    monkeypatch, path, chunk_elements, size_s, size_t
+    monkeypatch, path, chunk_elements, size_s, size_t, row_padding
 ):
     # 11 channels: one chunk, or chunks of a few (the last one short).
     gen = torch.Generator().manual_seed(3)
@@ -106,10 +110,38 @@ def test_every_resize_path_and_chunking_gives_the_same_values_and_gradients(
         with monkeypatch.context() as patched:
             force_path(patched, path)
             patched.setattr(patches_module, "CPU_CHUNK_ELEMENTS", chunk_elements)
+            patched.setattr(patches_module, "ROW_PADDING", row_padding)
             got = patch_cka(fs, ft, 4, centered=centered)
             (grad,) = torch.autograd.grad(got.sum(), fs)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
+
+
+def test_patch_rows_are_padded_to_a_multiple_of_8_on_cpu_only_where_that_adds_little():
+    cpu, meta = torch.empty(0), torch.empty(0, device="meta")
+    assert patches_module._padded_rows(70, cpu) == 72  # P3 of an 800 x 1216 image
+    assert patches_module._padded_rows(63, cpu) == 64
+    assert patches_module._padded_rows(20, cpu) == 20  # 24 would be 20% more work
+    assert patches_module._padded_rows(72, cpu) == 72
+    assert patches_module._padded_rows(70, meta) == 70  # measured on CPU (MKL) only
+
+
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
+def test_padded_rows_are_zero_and_the_grams_exclude_them(monkeypatch, path):
+    force_path(monkeypatch, path)
+    monkeypatch.setattr(patches_module, "ROW_PADDING", 1.0)
+    feat = torch.randn(2, 5, 13, 19) + 100.0  # 4 x 5 = 20 patches of 4 x 4, padded to 24
+    offset = feat[:, :, :1, :1].contiguous()
+    size = 2 * 5 * 16 * 20
+    out = torch.full((size + 2 * 5 * 4 * 16,), float("nan"))  # the padding rows' worth more
+    scratch = patches_module._Scratch(feat, size)
+    rows = patches_module._patch_rows(feat, 4, offset, path, out, scratch, padded_rows=24)
+    assert rows.shape == (5, 24, 2 * 4 * 4)
+    assert torch.equal(rows[:, 20:], torch.zeros(5, 4, 32))
+    rows = rows[:, :20]
+    if path == "separable":  # patches column by column, each transposed: back to patchify's order
+        rows = rows.reshape(5, 5, 4, 2, 4, 4).permute(0, 2, 1, 3, 5, 4).reshape(5, 20, 32)
+    torch.testing.assert_close(rows, patchify(feat - offset, 4), rtol=0, atol=1e-4)
 
 
 def test_channels_last_chunks_are_whole_vectors_of_channels(monkeypatch):
