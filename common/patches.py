@@ -413,14 +413,17 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
     Where the time goes (CPU, RetinaNet P3-P6 at batch 2, ``benchmarks/bench_losses.py``): about
     half the matmuls; a quarter the forward (per map: the read of the map, two resize passes, a
     transpose and the rows' copy); a fifth the backward's; the rest the CKA on the Grams, Python
-    and small ops (about 0.15 ms of op calls per chunk). Tried and measured slower: recomputing
-    the student's rows in backward instead of keeping them (less memory, one more resize),
-    torch's NCHW resize, resizing channels-last through a transpose of a large map, both axes in
-    "patch-row" layouts (the W pass then runs on vectors of 16), H's backward per image straight
-    into the gradient (a copy fewer, two calls more), ``channel_shuffle``'s ``out=`` form (it
-    copies through a temporary), a sparse resize matrix, symmetric half-Gram products, smaller
-    or larger chunks. ``torch.compile`` fuses resize and rearrangement faster still on CPU, but
-    detection batches change size every step, and recompiling per shape would cost more.
+    and small ops (about 0.15 ms of op calls per chunk, some 10 ms a step in all). By level, P3
+    costs ~1.4x its matmuls; P4 (20 patches: few FLOPs per element moved) ~3x, P5 ~4x and P6,
+    whose matmuls take 0.13 ms, ~13x; the small levels make half the time above the bound.
+    Tried and measured slower: recomputing the student's rows in backward instead of keeping
+    them (less memory, one more resize), torch's NCHW resize, resizing channels-last through a
+    transpose of a large map, both axes in "patch-row" layouts (the W pass then runs on vectors
+    of 16), H's backward per image straight into the gradient (a copy fewer, two calls more),
+    ``channel_shuffle``'s ``out=`` form (it copies through a temporary), a sparse resize matrix,
+    symmetric half-Gram products, smaller or larger chunks, ``torch.compile`` of the resize and
+    rearrangement (3.6-4.4x slower per chunk than these passes, static or dynamic shapes), and a
+    plain fused numba kernel (2-3x slower).
 
     Memory: the student's patch rows are kept from forward to backward, as autograd would keep
     them; nothing level-sized is allocated besides them, the input gradient and (on GPU, one chunk
