@@ -195,16 +195,12 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
     size_h, size_w = _resized_size(h, w, p)
     gh, gw = size_h // p, size_w // p
     padded = out[: c * padded_rows * b * p * p].view(c, padded_rows, b * p * p)
-    rows = padded[:, : gh * gw]
+    rows_offset = None  # the direct path's; the others subtract the offset in their first pass
     if path == "direct":
         blocks = feat.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
         if offset is not None:
-            offset = offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5)
-        _copy_minus(rows.view(blocks.shape), blocks, offset)
-        if padded_rows > gh * gw:
-            padded[:, gh * gw:].zero_()
-        return padded
-    if path == "nchw":  # on GPU a chunk is a whole level: one work buffer, not two
+            rows_offset = offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5)
+    elif path == "nchw":  # on GPU a chunk is a whole level: one work buffer, not two
         if offset is not None:  # into out, which the resize reads before the rows overwrite it
             feat = torch.sub(feat, offset, out=out[: feat.numel()].view(feat.shape))
         resized = scratch(0, b, c, size_h, size_w)
@@ -237,7 +233,7 @@ def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str,
             resized_t = scratch(0, c, b, size_w, size_h)
             _resize_axis(_axis_view(transposed), scratch(0, c, b, size_w, size_h, axis=True))
         blocks = resized_t.view(c, b, gw, p, gh, p).permute(0, 2, 4, 1, 3, 5)  # (c, gw, gh, b, p2, p1)
-    rows.view(blocks.shape).copy_(blocks)
+    _copy_minus(padded[:, : gh * gw].view(blocks.shape), blocks, rows_offset)
     if padded_rows > gh * gw:  # last: the nchw path's centring may have used that memory
         padded[:, gh * gw:].zero_()
     return padded
@@ -337,7 +333,7 @@ class _PatchCKA(torch.autograd.Function):
         k_max = max(ch.stop - ch.start for ch in chunks)
         chunk_numel = b * k_max * math.prod(_resized_size(h, w, patch_size))
         n_pad = _padded_rows(n, fs)
-        rows_numel = max(chunk_numel, k_max * n_pad * b * patch_size**2)
+        rows_numel = chunk_numel // n * n_pad  # chunk_numel is b * k_max * n * p * p
         rows_t = fs.new_empty(rows_numel)
         gram_pad = fs.new_empty(k_max, n, n_pad) if n_pad != n else None
         scratch = None if path == "direct" else _Scratch(fs, chunk_numel)
