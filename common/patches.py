@@ -22,20 +22,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from common import patch_kernels
 from common.cka import _no_autocast, _promote, cka_and_gradient_
 
 __all__ = ["patch_grid", "patchify", "patch_cka"]
 
 # Channels per chunk of ``patch_cka`` on CPU: about this many elements of resized map per chunk.
-# A few MiB stay in cache and are recycled by malloc; a whole P3 level (~37 MiB in float32) is
-# mmap-ed and page-faulted afresh by every temporary, which cost more than the matmuls.
+# A chunk's rows stay in cache from the resize to the Gram matmuls; a whole P3 level (~37 MiB in
+# float32) would not, and its temporaries would be mmap-ed and page-faulted afresh.
 CPU_CHUNK_ELEMENTS = 1 << 19
-# On CPU, maps whose resized H + W is at most this are resized channels-last (vectorised over
-# channels; few pixels), larger ones one axis at a time (vectorised along the other axis).
-SMALL_OUTPUT = 128
-# torch's channels-last bilinear kernels run at full speed on whole vectors of channels: 16 of
-# them are ~2x faster per element than 14, 32 ~3x (AVX2, float32).
-CHANNEL_VECTOR = 16
 # On CPU, MKL's Gram product X X^T runs 10-40% faster when X^T has a multiple of 8 columns (n = 70
 # patches: 134 GFLOP/s, 72: 160; 63: 103, 64: 171; 2 threads, AVX-512), so the patch rows are padded
 # with zero rows up to one, where that adds at most this fraction to the product's work.
@@ -80,221 +75,112 @@ def _level_path(feat_s: Tensor, feat_t: Tensor, patch_size: int) -> str:
     """How ``patch_cka`` cuts a level into patch rows; both maps of a level take the same path.
 
     * ``direct``: neither map needs resizing; the rows are copied out of the maps.
-    * ``nchw`` (not CPU): torch's resize on the maps as they are, then the copy.
-    * ``channels_last`` (CPU, resized H + W <= SMALL_OUTPUT): a channels-last copy, torch's
-      channels-last resize (vectorised over channels), then the rows.
-    * ``separable`` (CPU, larger maps): the resize one axis at a time, each pass torch's
-      channels-last kernel applied to a view in which the other axis plays the channels: along H
-      on the map as it is (vectorised along W), then along W on its transpose (vectorised along
-      H). One transpose in all (``_transposed``), and no pass of torch's per-element NCHW
-      kernel, which costs about as much as the rest together. Bilinear interpolation is
-      separable, so this is the same resize up to rounding. Its rows list the patches column by
-      column and each patch transposed, which leaves every Gram's CKA unchanged (the same
-      reordering of samples and features on both sides). Its work buffers are channel-major
-      (C, B, ...): torch splits each pass among threads by its outermost dimension, so every
-      pass, like the Gram matmuls, gives each thread the channels it wrote in the pass before.
-      (Reading what another core just wrote cost up to 5x more than reading one's own, in some
-      phases of the 2-vCPU VM this was measured on; 2-3% less time overall in the others.)
+    * ``kernel`` (CPU): ``common.patch_kernels``, one compiled pass over each map for the resize
+      and the cut into rows, and one for their gradient. torch's operators take five passes each
+      way on CPU (centre, resize along H, transpose, resize along W, copy): each fast, together as
+      long as the Gram matmuls.
+    * ``nchw`` (GPU, or a CPU where the kernels could not be built): torch's resize on the maps
+      as they are, then the copy. On GPU these are a few large launches over a whole level.
     """
     size = _resized_size(*feat_s.shape[-2:], patch_size)
     if size == tuple(feat_s.shape[-2:]) and size == tuple(feat_t.shape[-2:]):
         return "direct"
-    if feat_s.device.type != "cpu":
-        return "nchw"
-    return "channels_last" if sum(size) <= SMALL_OUTPUT else "separable"
+    return "kernel" if feat_s.device.type == "cpu" and patch_kernels.load() is not None else "nchw"
 
 
-def _axis_view(t: Tensor) -> Tensor:
-    """(..., A, B) contiguous -> the same memory as a channels-last (N, B, A, 1) map.
-
-    torch's channels-last resize of that view interpolates along A, vectorised over B. A view,
-    never a copy (``view`` raises where ``reshape`` would copy), so that outputs land in ``t``.
-    """
-    return t.view(-1, t.shape[-2], t.shape[-1], 1).permute(0, 2, 1, 3)
+def _resize_coefficients(feat: Tensor, patch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+    """The ``kernel`` path's resize of a map along H and along W (``patch_kernels.resize_coefficients``)."""
+    size_h, size_w = _resized_size(*feat.shape[-2:], patch_size)
+    return (patch_kernels.resize_coefficients(feat.shape[-2], size_h, feat.dtype),
+            patch_kernels.resize_coefficients(feat.shape[-1], size_w, feat.dtype))
 
 
-def _resize_axis(src: Tensor, out: Tensor) -> None:
-    """Bilinear resize (align_corners=False) along A of ``_axis_view``s: (N, B, A, 1) into (N, B, A', 1)."""
-    torch._C._nn.upsample_bilinear2d(src, [out.shape[2], 1], False, None, None, out=out)
-
-
-def _resize_axis_backward(grad_out: Tensor, grad_in: Tensor) -> None:
-    """The adjoint of ``_resize_axis``: ``grad_in`` (N, B, A, 1) from ``grad_out`` (N, B, A', 1)."""
-    torch.ops.aten.upsample_bilinear2d_backward.grad_input(
-        grad_out, [grad_out.shape[2], 1], list(grad_in.shape), False, None, None, grad_input=grad_in
-    )
-
-
-def _transposed(t: Tensor) -> Tensor:
-    """Contiguous (..., A, B) -> a new contiguous (..., B, A), by torch's channel shuffle.
-
-    Seen as channels-last (N, A * B, 1, 1) maps, a shuffle of A groups is exactly this transpose,
-    and its channels-last CPU kernel transposes with SIMD: ~4x faster than a transposing copy,
-    which loads one element at a time. It splits the N maps among threads, as the passes around
-    it do.
-    """
-    a, b = t.shape[-2], t.shape[-1]
-    maps = t.as_strided((t.numel() // (a * b), a * b, 1, 1), (a * b, 1, a * b, a * b))
-    return torch.channel_shuffle(maps, a).view(*t.shape[:-2], b, a)
-
-
-def _copy_minus(out: Tensor, src: Tensor, offset: Tensor | None) -> None:
-    """``out = src - offset`` (broadcast), or a plain copy where there is no offset: the first pass over a map."""
-    if offset is None:
-        out.copy_(src)
-    else:
-        torch.sub(src, offset, out=out)
-
-
-class _Scratch:
-    """Flat work buffers reused by every chunk of a level, and their views, made once per shape.
-
-    A chunk's steps need a dozen views of the buffers; made afresh, they cost as much Python time
-    as a small chunk's copies.
-    """
-
-    def __init__(self, like: Tensor, numel: int):
-        self.like, self.numel = like, numel
-        self.buffers: dict[int, Tensor] = {}  # allocated when first used
-        self._views: dict = {}
-
-    def __call__(self, index: int, *shape: int, axis: bool = False) -> Tensor:
-        """Buffer ``index`` viewed as contiguous ``shape`` (as its ``_axis_view`` with ``axis``)."""
-        key = (index, shape, axis)
-        view = self._views.get(key)
-        if view is None:
-            if index not in self.buffers:
-                self.buffers[index] = self.like.new_empty(self.numel)
-            view = self.buffers[index][: math.prod(shape)].view(shape)
-            if axis:
-                view = _axis_view(view)
-            self._views[key] = view
-        return view
-
-
-def _patch_rows(feat: Tensor, patch_size: int, offset: Tensor | None, path: str, out: Tensor,
-                scratch: _Scratch | None, padded_rows: int) -> Tensor:
-    """``patchify`` of a float32 map into ``out``, on ``path``; of ``feat - offset`` if an offset is given.
+def _patch_rows(feat: Tensor, chunk: slice, patch_size: int, offset: Tensor | None, path: str, out: Tensor,
+                resized: Tensor | None, padded_rows: int, resize: tuple[list[Tensor], list[Tensor]] | None) -> Tensor:
+    """``patchify`` of channels ``chunk`` of a float32 or float64 map into ``out``; of ``feat - offset`` if given.
 
     Returns the rows as (c, padded_rows, b * p * p), the patches' rows followed by zero rows up to
     ``padded_rows`` (see ``_padded_rows``). ``out`` (flat, at least that size) receives them;
-    ``scratch`` holds buffers of the resized map's size (None on the ``direct`` path). Reusing
-    them across a level's chunks keeps them in cache and spares malloc.
+    ``resized`` (the ``nchw`` path's) is a buffer of the chunk's resized size. Reusing both across a
+    level's chunks keeps them in cache and spares malloc. ``feat`` is the whole map, contiguous on
+    the ``kernel`` path, whose ``resize`` is the map's ``_resize_coefficients``; there the rows list
+    each patch's pixels column by column (see ``common.patch_kernels``), which changes no Gram.
 
-    Centred, the offset (B, C, 1, 1) is the map's first pixel: each image's channel first loses
-    its top-left value, in the first pass over the map (fused into a copy where the path has one).
-    That subtracts the same number from every entry of a column of X (a column holds one image's
-    pixels), which the centred Gram ignores, and it removes any offset exactly: a constant channel
-    is exact zeros before the resize, so its Gram is exactly zero whatever the resize's rounding
-    (subtracting after the resize would leave that rounding, a few ulp of the offset, for the CKA
-    to normalise into noise). The Gram is then formed from numbers of the data's own spread and
-    centred at O(n^2) (``cka_and_gradient_``).
+    Centred, the offset (B, C) is the map's first pixel: each image's channel first loses its
+    top-left value, in the first pass over the map. That subtracts the same number from every
+    entry of a column of X (a column holds one image's pixels), which the centred Gram ignores,
+    and it removes any offset exactly: a constant channel is exact zeros before the resize, so its
+    Gram is exactly zero whatever the resize's rounding (subtracting after the resize would leave
+    that rounding, a few ulp of the offset, for the CKA to normalise into noise). The Gram is then
+    formed from numbers of the data's own spread and centred at O(n^2) (``cka_and_gradient_``).
     """
-    b, c, h, w = feat.shape
+    b, _, h, w = feat.shape
+    c = chunk.stop - chunk.start
     p = patch_size
     size_h, size_w = _resized_size(h, w, p)
     gh, gw = size_h // p, size_w // p
     padded = out[: c * padded_rows * b * p * p].view(c, padded_rows, b * p * p)
-    rows_offset = None  # the direct path's; the others subtract the offset in their first pass
-    if path == "direct":
-        blocks = feat.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
-        if offset is not None:
-            rows_offset = offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5)
-    elif path == "nchw":  # on GPU a chunk is a whole level: one work buffer, not two
+    if path == "kernel":
+        patch_kernels.load().rows_forward(feat, chunk.start, offset, *resize, p, padded)
+        return padded
+    feat = feat[:, chunk]
+    offset = None if offset is None else offset[:, chunk, None, None]
+    if path == "nchw":  # on GPU a chunk is a whole level: one work buffer, not two
         if offset is not None:  # into out, which the resize reads before the rows overwrite it
             feat = torch.sub(feat, offset, out=out[: feat.numel()].view(feat.shape))
-        resized = scratch(0, b, c, size_h, size_w)
-        torch._C._nn.upsample_bilinear2d(feat, [size_h, size_w], False, None, None, out=resized)
-        blocks = resized.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
-    elif path == "channels_last":
-        # The map is first copied as it is (contiguous, for _transposed), then made channels-last;
-        # after the resize, (p, c) blocks within a row are transposed, so that the rows' copy
-        # moves whole cache lines.
-        _copy_minus(scratch(1, b, c, h, w), feat, offset)
-        feat_cl = _transposed(scratch(1, b, c, h * w)).view(b, h, w, c)
-        resized = scratch(0, b, size_h, size_w, c)
-        torch._C._nn.upsample_bilinear2d(
-            feat_cl.permute(0, 3, 1, 2), [size_h, size_w], False, None, None, out=resized.permute(0, 3, 1, 2)
-        )
-        lines = _transposed(scratch(0, b * gh * p * gw, p, c)).view(b, gh, p, gw, c, p)  # (b, gh, p1, gw, c, p2)
-        blocks = lines.permute(4, 1, 3, 0, 2, 5)
-    else:  # separable, channel-major (see _level_path)
-        if h != size_h:
-            # The H pass needs its input contiguous; the copy (or the centring) gives it.
-            channel_major = None if offset is None else offset.transpose(0, 1)
-            _copy_minus(scratch(1, c, b, h, w), feat.transpose(0, 1), channel_major)
-            _resize_axis(scratch(1, c, b, h, w, axis=True), scratch(0, c, b, size_h, w, axis=True))
-            transposed = _transposed(scratch(0, c, b, size_h, w))
-        else:
-            transposed = scratch(1, c, b, w, size_h)
-            _copy_minus(transposed, feat.permute(1, 0, 3, 2), None if offset is None else offset.permute(1, 0, 3, 2))
-        resized_t = transposed
-        if w != size_w:
-            resized_t = scratch(0, c, b, size_w, size_h)
-            _resize_axis(_axis_view(transposed), scratch(0, c, b, size_w, size_h, axis=True))
-        blocks = resized_t.view(c, b, gw, p, gh, p).permute(0, 2, 4, 1, 3, 5)  # (c, gw, gh, b, p2, p1)
-    _copy_minus(padded[:, : gh * gw].view(blocks.shape), blocks, rows_offset)
+            offset = None
+        map_ = resized[: b * c * size_h * size_w].view(b, c, size_h, size_w)
+        torch._C._nn.upsample_bilinear2d(feat, [size_h, size_w], False, None, None, out=map_)
+        feat = map_
+    blocks = feat.view(b, c, gh, p, gw, p).permute(1, 2, 4, 0, 3, 5)
+    target = padded[:, : gh * gw].view(blocks.shape)
+    if offset is None:
+        target.copy_(blocks)
+    else:
+        torch.sub(blocks, offset.view(b, c, 1, 1, 1, 1).permute(1, 2, 4, 0, 3, 5), out=target)
     if padded_rows > gh * gw:  # last: the nchw path's centring may have used that memory
         padded[:, gh * gw:].zero_()
     return padded
 
 
-def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, path: str, patch_size: int,
-                    scratch: _Scratch | None) -> None:
-    """The adjoint of ``_patch_rows`` (less the offset, see backward): ``grad_in`` (b, k, h, w) from ``grad_rows``.
+def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, chunk: slice, path: str, patch_size: int,
+                    resized: Tensor | None, resize: tuple[list[Tensor], list[Tensor]] | None) -> None:
+    """The adjoint of ``_patch_rows`` (less the offset, see backward): channels ``chunk`` of ``grad_in`` (b, C, h, w).
 
-    ``grad_rows`` (k, n, b * p * p) is contiguous; ``scratch`` holds two buffers of its size.
+    ``grad_rows`` (k, n, b * p * p) is contiguous, and so is ``grad_in``; ``resized`` (the ``nchw``
+    path's) is a buffer of the chunk's resized size.
     """
-    b, k, h, w = grad_in.shape
+    b, _, h, w = grad_in.shape
+    k = chunk.stop - chunk.start
     p = patch_size
     size_h, size_w = _resized_size(h, w, p)
     gh, gw = size_h // p, size_w // p
+    if path == "kernel":
+        patch_kernels.load().rows_backward(grad_rows, *resize, p, grad_in, chunk.start)
+        return
+    blocks = grad_rows.view(k, gh, gw, b, p, p).permute(3, 0, 1, 4, 2, 5)
     if path == "direct":
-        grad_in.view(b, k, gh, p, gw, p).copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 0, 1, 4, 2, 5))
-    elif path == "nchw":
-        grad_map = scratch(0, b, k, gh, p, gw, p)
-        grad_map.copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 0, 1, 4, 2, 5))
-        torch.ops.aten.upsample_bilinear2d_backward.grad_input(
-            scratch(0, b, k, size_h, size_w), [size_h, size_w], [b, k, h, w], False, None, None, grad_input=grad_in
-        )
-    elif path == "channels_last":
-        # The forward's copies in reverse, then torch's channels-last resize backward.
-        lines = scratch(0, b, gh, p, gw, k, p)
-        lines.copy_(grad_rows.view(k, gh, gw, b, p, p).permute(3, 1, 4, 2, 0, 5))
-        grad_map = _transposed(scratch(0, b * gh * p * gw, k, p)).view(b, size_h, size_w, k)
-        grad_cl = scratch(1, b, h, w, k)
-        torch.ops.aten.upsample_bilinear2d_backward.grad_input(
-            grad_map.permute(0, 3, 1, 2), [size_h, size_w], [b, k, h, w], False, None, None,
-            grad_input=grad_cl.permute(0, 3, 1, 2),
-        )
-        grad_in.copy_(_transposed(scratch(1, b, h * w, k)).view(b, k, h, w))
-    else:  # separable, channel-major: W's backward on the transposed map, transpose, H's backward
-        scratch(0, k, b, gw, p, gh, p).copy_(grad_rows.view(k, gw, gh, b, p, p).permute(0, 3, 1, 4, 2, 5))
-        grad_t, free = scratch(0, k, b, size_w, size_h), 1
-        if w != size_w:
-            _resize_axis_backward(scratch(0, k, b, size_w, size_h, axis=True), scratch(1, k, b, w, size_h, axis=True))
-            grad_t, free = scratch(1, k, b, w, size_h), 0
-        if h == size_h:
-            grad_in.copy_(grad_t.permute(1, 0, 3, 2))
-            return
-        _resize_axis_backward(_axis_view(_transposed(grad_t)), scratch(free, k, b, h, w, axis=True))
-        grad_in.copy_(scratch(free, k, b, h, w).transpose(0, 1))
+        grad_in[:, chunk].view(b, k, gh, p, gw, p).copy_(blocks)
+        return
+    grad_map = resized[: b * k * size_h * size_w].view(b, k, gh, p, gw, p)
+    grad_map.copy_(blocks)
+    torch.ops.aten.upsample_bilinear2d_backward.grad_input(
+        grad_map.view(b, k, size_h, size_w), [size_h, size_w], [b, k, h, w], False, None, None,
+        grad_input=grad_in[:, chunk],
+    )
 
 
-def _channel_chunks(feat: Tensor, patch_size: int, path: str) -> list[slice]:
+def _channel_chunks(feat: Tensor, patch_size: int) -> list[slice]:
     """Slices of channels for ``patch_cka``: on CPU about CPU_CHUNK_ELEMENTS of resized map each, evenly split.
 
-    Even, so that no chunk is a short remainder that costs a chunk's fixed overhead (about 0.2 ms
-    of op calls) for a few channels; on the channels-last path in whole vectors of channels.
+    Even, so that no chunk is a short remainder that costs a chunk's fixed overhead (op calls) for
+    a few channels.
     """
     b, c, h, w = feat.shape
     if feat.device.type != "cpu":
         return [slice(0, c)]  # the caching allocator recycles big buffers; one big batch is fastest
     per_channel = b * math.prod(_resized_size(h, w, patch_size))
     count = min(c, max(1, round(c * per_channel / CPU_CHUNK_ELEMENTS)))
-    if path == "channels_last" and c >= count * CHANNEL_VECTOR:
-        step = math.ceil(c / count / CHANNEL_VECTOR) * CHANNEL_VECTOR
-        return [slice(start, min(start + step, c)) for start in range(0, c, step)]
     bounds = [c * i // count for i in range(count + 1)]
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
@@ -324,29 +210,35 @@ class _PatchCKA(torch.autograd.Function):
     def forward(ctx, feat_s: Tensor, feat_t: Tensor, patch_size: int, centered: bool) -> Tensor:
         fs, ft = _promote(feat_s), _promote(feat_t)
         path = _level_path(fs, ft, patch_size)
-        chunks = _channel_chunks(fs, patch_size, path)
+        if path == "kernel":  # the kernels index whole maps
+            fs, ft = fs.contiguous(), ft.contiguous()
+        chunks = _channel_chunks(fs, patch_size)
         b, c, h, w = fs.shape
         n = math.prod(patch_grid(h, w, patch_size))
         grams = fs.new_empty(2, c, n, n)  # student's and teacher's, one buffer for cka_and_gradient_
-        # The teacher's rows and the resize's scratch are reused by every chunk; the student's rows
-        # are kept for backward.
+        # The teacher's rows and the nchw path's resized map are reused by every chunk; the
+        # student's rows are kept for backward.
         k_max = max(ch.stop - ch.start for ch in chunks)
         chunk_numel = b * k_max * math.prod(_resized_size(h, w, patch_size))
         n_pad = _padded_rows(n, fs)
         rows_numel = chunk_numel // n * n_pad  # chunk_numel is b * k_max * n * p * p
         rows_t = fs.new_empty(rows_numel)
         gram_pad = fs.new_empty(k_max, n, n_pad) if n_pad != n else None
-        scratch = None if path == "direct" else _Scratch(fs, chunk_numel)
-        # The first pixels, once per level (see _patch_rows); broadcasting from a copy, not from a
-        # strided slice of the map, which costs some kernels 2x.
-        offset_s = fs[:, :, :1, :1].contiguous() if centered else None
-        offset_t = ft[:, :, :1, :1].contiguous() if centered else None
+        resized = fs.new_empty(chunk_numel) if path == "nchw" else None
+        resize_s = _resize_coefficients(fs, patch_size) if path == "kernel" else None
+        resize_t = _resize_coefficients(ft, patch_size) if path == "kernel" else None
+        # The first pixels, once per level (see _patch_rows); a copy, not a strided slice of the
+        # map, from which some kernels broadcast at half speed. The kernels take zeros uncentred.
+        if centered:
+            offset_s, offset_t = fs[:, :, 0, 0].contiguous(), ft[:, :, 0, 0].contiguous()
+        else:
+            offset_s = offset_t = fs.new_zeros(b, c) if path == "kernel" else None
         rows_s = []
         with _no_autocast(fs):
             for chunk in chunks:
-                off_s, off_t = (offset_s[:, chunk], offset_t[:, chunk]) if centered else (None, None)
-                xs = _patch_rows(fs[:, chunk], patch_size, off_s, path, fs.new_empty(rows_numel), scratch, n_pad)
-                xt = _patch_rows(ft[:, chunk], patch_size, off_t, path, rows_t, scratch, n_pad)
+                xs = _patch_rows(fs, chunk, patch_size, offset_s, path, fs.new_empty(rows_numel), resized, n_pad,
+                                 resize_s)
+                xt = _patch_rows(ft, chunk, patch_size, offset_t, path, rows_t, resized, n_pad, resize_t)
                 _gram(xs, n, grams[0, chunk], gram_pad)
                 _gram(xt, n, grams[1, chunk], gram_pad)
                 rows_s.append(xs[:, :n])
@@ -354,7 +246,7 @@ class _PatchCKA(torch.autograd.Function):
             # the Grams' trip back through cache (the Grams are n x n, a few MiB for a whole level).
             # It centres the Grams when centred (see _patch_rows).
             values, grad_grams = cka_and_gradient_(grams, centered)
-        ctx.patch_size, ctx.path, ctx.chunks = patch_size, path, chunks
+        ctx.patch_size, ctx.path, ctx.chunks, ctx.resize = patch_size, path, chunks, resize_s
         ctx.in_shape, ctx.in_dtype = fs.shape, feat_s.dtype
         ctx.save_for_backward(grad_grams, *rows_s)
         return values
@@ -374,11 +266,11 @@ class _PatchCKA(torch.autograd.Function):
         grad_fs = grad_grams.new_empty(ctx.in_shape)
         chunk_numel = max(xs.numel() for xs in rows_s)  # per-chunk buffers, reused
         grad_rows = grad_grams.new_empty(chunk_numel)
-        scratch = None if ctx.path == "direct" else _Scratch(grad_grams, chunk_numel)
+        resized = grad_grams.new_empty(chunk_numel) if ctx.path == "nchw" else None
         for chunk, xs in zip(ctx.chunks, rows_s):  # xs: (k, n, d), the first n of its padded rows
             blocks = grad_rows[: xs.numel()].view(xs.shape)
             torch.bmm(grad_grams[chunk], xs, out=blocks)
-            _grad_from_rows(blocks, grad_fs[:, chunk], ctx.path, ctx.patch_size, scratch)
+            _grad_from_rows(blocks, grad_fs, chunk, ctx.path, ctx.patch_size, resized, ctx.resize)
         return grad_fs.to(ctx.in_dtype), None, None, None
 
 
@@ -393,33 +285,29 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
     resized level: the resize and its backward, the rearranging copies, the centring. Done as
     separate autograd ops over a whole FPN level, each pass allocates a new level-sized buffer,
     and on CPU those are mmap-ed and page-faulted afresh; together they cost several times the
-    matmuls. Here each chunk of channels goes (centre) -> resize -> rows -> Gram while it sits in
+    matmuls. Here each chunk of channels goes (centre, resize) -> rows -> Gram while it sits in
     cache, the CKA and its gradient with respect to each Gram are formed in closed form in forward
     (``cka_and_gradient_``, in place on the level's stacked Grams), and backward is the one matmul
     ``2 G X`` per chunk followed by the resize's backward, the forward's steps in reverse.
 
-    On CPU the patch rows of a level are padded with zero rows to a multiple of 8 where that adds
-    little (P3's 70 patches become 72; ``_padded_rows``): MKL's Gram kernel is so much faster on
-    such shapes that P3's Gram, copy included, takes ~11% less time. The resize never uses
-    torch's NCHW bilinear kernel, which gathers four pixels per output element (~0.75 ns per
-    element at 2 threads, as much as the rest of a chunk's work together): large maps are resized
-    one axis at a time by its channels-last kernel (see ``_level_path``), small ones
-    channels-last with chunks of whole vectors of channels.
+    On CPU the resize and the cut into rows are one compiled pass per map each way
+    (``common.patch_kernels``; torch's operators take about five, see ``_level_path``), and the
+    patch rows of a level are padded with zero rows to a multiple of 8 where that adds little
+    (P3's 70 patches become 72; ``_padded_rows``): MKL's Gram kernel is so much faster on such
+    shapes that P3's Gram, copy included, takes ~11% less time.
 
-    Where the time goes (CPU, RetinaNet P3-P6 at batch 2, ``benchmarks/bench_losses.py``): about
-    half the matmuls; a quarter the forward (per map: the read of the map, two resize passes, a
-    transpose and the rows' copy); a fifth the backward's; the rest the CKA on the Grams, Python
-    and small ops (about 0.15 ms of op calls per chunk, some 10 ms a step in all). By level, P3
-    costs ~1.4x its matmuls; P4 (20 patches: few FLOPs per element moved) ~3x, P5 ~4x and P6,
-    whose matmuls take 0.13 ms, ~13x; the small levels make half the time above the bound.
-    Tried and measured slower: recomputing the student's rows in backward instead of keeping
-    them (less memory, one more resize), torch's NCHW resize, resizing channels-last through a
-    transpose of a large map, both axes in "patch-row" layouts (the W pass then runs on vectors
-    of 16), H's backward per image straight into the gradient (a copy fewer, two calls more),
-    ``channel_shuffle``'s ``out=`` form (it copies through a temporary), a sparse resize matrix,
-    symmetric half-Gram products, smaller or larger chunks, ``torch.compile`` of the resize and
-    rearrangement (3.6-4.4x slower per chunk than these passes, static or dynamic shapes), and a
-    plain fused numba kernel (2-3x slower).
+    Where the time goes (CPU, RetinaNet P3-P6 at batch 2, ``benchmarks/bench_losses.py``, 2
+    threads): about two thirds the matmuls; the rest the kernels (about a fifth), the CKA on the
+    Grams, and op calls. By level, P3 costs ~1.2x its matmuls; the small levels move many
+    elements for few FLOPs (P4 has 20 patches, P6 two) and cost 2-8x theirs. Tried and measured
+    slower or no faster: recomputing the student's rows in backward instead of keeping them (less
+    memory, one more resize), torch's NCHW resize (the ``nchw`` path: ~1.5x slower on CPU), the
+    resize as five passes of torch's operators (the previous CPU path: 12-30% slower than the
+    kernels, the most where other tenants fill the caches), ``torch.compile`` of the resize and
+    rearrangement (3.6-4.4x slower per chunk than those passes), the same kernels in numba (its
+    OpenMP runtime is not torch's: the two thread pools spin against each other, and the step
+    was 10% slower than torch's passes), a sparse resize matrix, symmetric half-Gram products,
+    and smaller or larger chunks.
 
     Memory: the student's patch rows are kept from forward to backward, as autograd would keep
     them; nothing level-sized is allocated besides them, the input gradient and (on GPU, one chunk

@@ -58,15 +58,15 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("centered", [True, False])
-# Resized channels-last (output H + W <= 128), one axis at a time, and already on the grid.
+# Resized (by the CPU kernels) and already on the grid.
 @pytest.mark.parametrize("shape", [(2, 5, 13, 19), (2, 3, 61, 70), (3, 4, 8, 16)])
 def test_patch_cka_equals_linear_cka_of_the_patches_with_the_same_gradient(small_chunks, centered, shape):
     gen = torch.Generator().manual_seed(0)
     fs = torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
     ft = 0.5 * fs.detach() + torch.randn(*shape, generator=gen, dtype=torch.float64)
     path = patches_module._level_path(fs, ft, 4)
-    assert path == {13: "channels_last", 61: "separable", 8: "direct"}[shape[2]]
-    assert len(patches_module._channel_chunks(fs, 4, path)) > 1
+    assert path == {13: "kernel", 61: "kernel", 8: "direct"}[shape[2]]
+    assert len(patches_module._channel_chunks(fs, 4)) > 1
     got = patch_cka(fs, ft, 4, centered)
     expected = linear_cka(patchify(fs, 4), patchify(ft, 4), centered=centered)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -86,7 +86,7 @@ def force_path(monkeypatch, path):
     )
 
 
-@pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
+@pytest.mark.parametrize("path", ["nchw", "kernel"])
 @pytest.mark.parametrize("chunk_elements", [400, 1 << 19])
 # Both sides resized, only H, only W; a teacher already on the grid that the student is not; and
 # both on the grid (the direct path).
@@ -126,42 +126,37 @@ def test_patch_rows_are_padded_to_a_multiple_of_8_on_cpu_only_where_that_adds_li
     assert patches_module._padded_rows(70, meta) == 70  # measured on CPU (MKL) only
 
 
-@pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
+@pytest.mark.parametrize("path", ["nchw", "kernel"])
 def test_padded_rows_are_zero_and_the_grams_exclude_them(monkeypatch, path):
     force_path(monkeypatch, path)
     monkeypatch.setattr(patches_module, "ROW_PADDING", 1.0)
-    feat = torch.randn(2, 5, 13, 19) + 100.0  # 4 x 5 = 20 patches of 4 x 4, padded to 24
-    offset = feat[:, :, :1, :1].contiguous()
+    feat = torch.randn(2, 7, 13, 19) + 100.0  # 4 x 5 = 20 patches of 4 x 4, padded to 24
+    offset = feat[:, :, 0, 0].contiguous()
+    chunk = slice(1, 6)  # channels 1 to 5 of the map
     size = 2 * 5 * 16 * 20
     out = torch.full((size + 2 * 5 * 4 * 16,), float("nan"))  # the padding rows' worth more
-    scratch = patches_module._Scratch(feat, size)
-    rows = patches_module._patch_rows(feat, 4, offset, path, out, scratch, padded_rows=24)
+    resized = torch.empty(size) if path == "nchw" else None
+    resize = patches_module._resize_coefficients(feat, 4) if path == "kernel" else None
+    rows = patches_module._patch_rows(feat, chunk, 4, offset, path, out, resized, 24, resize)
     assert rows.shape == (5, 24, 2 * 4 * 4)
     assert torch.equal(rows[:, 20:], torch.zeros(5, 4, 32))
     rows = rows[:, :20]
-    if path == "separable":  # patches column by column, each transposed: back to patchify's order
-        rows = rows.reshape(5, 5, 4, 2, 4, 4).permute(0, 2, 1, 3, 5, 4).reshape(5, 20, 32)
-    torch.testing.assert_close(rows, patchify(feat - offset, 4), rtol=0, atol=1e-4)
-
-
-def test_channels_last_chunks_are_whole_vectors_of_channels(monkeypatch):
-    feat = torch.empty(2, 256, 25, 38)  # P5 of an 800 x 1216 image: 32 x 48 once resized
-    assert patches_module._level_path(feat, feat, 16) == "channels_last"
-    chunks = patches_module._channel_chunks(feat, 16, "channels_last")
-    assert [c.stop - c.start for c in chunks] == [128, 128]  # 1.5 chunks' worth of CPU_CHUNK_ELEMENTS
+    if path == "kernel":  # each patch's pixels column by column: back to patchify's order
+        rows = rows.reshape(5, 20, 2, 4, 4).transpose(-1, -2).reshape(5, 20, 32)
+    expected = patchify(feat[:, chunk] - offset[:, chunk, None, None], 4)
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-4)
 
 
 def test_chunks_split_the_channels_evenly_and_cover_them_once():
     p3 = torch.empty(2, 256, 100, 152)  # 112 x 160 once resized: 256 channels make 17.5 chunks' worth
-    sizes = [c.stop - c.start for c in patches_module._channel_chunks(p3, 16, "separable")]
+    sizes = [c.stop - c.start for c in patches_module._channel_chunks(p3, 16)]
     assert len(sizes) == 18 and set(sizes) == {14, 15} and sum(sizes) == 256
     odd = torch.empty(1, 7, 5, 5)
-    for path in ("separable", "channels_last"):
-        chunks = patches_module._channel_chunks(odd, 4, path)
-        assert [i for chunk in chunks for i in range(chunk.start, chunk.stop)] == list(range(7))
+    chunks = patches_module._channel_chunks(odd, 4)
+    assert [i for chunk in chunks for i in range(chunk.start, chunk.stop)] == list(range(7))
 
 
-@pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
+@pytest.mark.parametrize("path", ["nchw", "kernel"])
 @pytest.mark.parametrize("offset", [1e2, 1e4])
 @pytest.mark.parametrize("centered", [True, False])
 def test_patch_cka_of_offset_maps_in_float32_matches_float64(small_chunks, monkeypatch, path, offset, centered):
@@ -174,7 +169,7 @@ def test_patch_cka_of_offset_maps_in_float32_matches_float64(small_chunks, monke
     torch.testing.assert_close(patch_cka(fs32, ft32, 8, centered).double(), expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["nchw", "channels_last", "separable"])
+@pytest.mark.parametrize("path", ["nchw", "kernel"])
 # On the grid; resized (a constant map resized is not exactly constant: rounding); only along W.
 @pytest.mark.parametrize("size", [(16, 24), (20, 28), (16, 28)])
 def test_patch_cka_of_a_constant_channel_is_zero_with_exactly_zero_gradient(small_chunks, monkeypatch, path, size):
