@@ -29,9 +29,10 @@ per 4 KiB. So the same command's PCKA time can swing by a third from one process
 memory (``GLIBC_TUNABLES`` mmap and trim thresholds of 1 and 4 GiB), as PyTorch's CUDA caching
 allocator does: steadier, and harder on the ratio, since the matmul bound loses its page faults
 too (and so does the per-channel loop, which gains the most). Beyond the allocator, on the 2-vCPU
-VM where this was developed a 2-thread process runs PCKA's memory-bound work either at full speed
-or about 1.5x slower for its whole life (74 or 115 ms, same code and heap; at 1 thread every
-process takes 127-133 ms), while the matmuls do not change: hence the median over processes.
+VM where this was developed, phases in which other tenants fill the shared caches slow PCKA's
+memory-bound work by up to 1.5x while the matmuls do not change (with torch's five resize passes
+per map, 74 or 115 ms for the same code and heap; the compiled kernels, one pass, suffer less):
+hence the alternating rounds and the median over processes.
 
 Peak memory: bytes one forward+backward needs beyond the inputs. CUDA: the caching allocator's
 counter. CPU: growth of the resident set's high-water mark over one step, in a fresh process per

@@ -106,8 +106,10 @@ inline void backward_map(const T* __restrict rows, int64_t height, int64_t width
 
 // The per-map functions compiled for each of these instruction sets, the best picked at load time:
 // a build is correct on any x86-64 node of a cluster that shares it, and vectorised on each.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define RCKA_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // before the x86-64-v* levels
+#define RCKA_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RCKA_TARGETS
 #endif
