@@ -141,3 +141,18 @@ def test_loading_the_kernels_prints_nothing():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
+
+
+def test_pcka_on_channels_last_maps_takes_the_kernels_with_the_same_values_and_gradients():
+    # Backbones run channels-last on GPUs and sometimes on CPU: the kernels read contiguous maps.
+    gen = torch.Generator().manual_seed(5)
+    fs = torch.randn(2, 5, 13, 19, generator=gen, dtype=torch.float64)
+    ft = torch.randn(2, 5, 13, 19, generator=gen, dtype=torch.float64)
+    fs_cl = fs.contiguous(memory_format=torch.channels_last).requires_grad_()
+    fs = fs.requires_grad_()
+    got = patch_cka(fs_cl, ft.contiguous(memory_format=torch.channels_last), 4)
+    expected = linear_cka(patchify(fs, 4), patchify(ft, 4))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(got.sum(), fs_cl)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), fs)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
