@@ -69,6 +69,14 @@ inline void forward_map(const T* __restrict map, T o, int64_t width, Axis<T> h, 
     for (int64_t e = 0; e < p * p; ++e) rows[r * d + b * p * p + e] = 0;
 }
 
+// dst0 += a0 * src, then dst1 += a1 * src: the adjoint of one resized line. Two loops, since at the
+// map's edge both weights go to the same source line (dst0 == dst1).
+template <typename T>
+inline void add_weighted(T* dst0, T* dst1, T a0, T a1, const T* __restrict src, int64_t length) {
+  for (int64_t i = 0; i < length; ++i) dst0[i] += a0 * src[i];
+  for (int64_t i = 0; i < length; ++i) dst1[i] += a1 * src[i];
+}
+
 // The adjoint of forward_map (without the offset: see patch_cka's backward), overwriting grad (H x W).
 template <typename T>
 inline void backward_map(const T* __restrict rows, int64_t height, int64_t width, Axis<T> h, Axis<T> w, int64_t p,
@@ -81,25 +89,15 @@ inline void backward_map(const T* __restrict rows, int64_t height, int64_t width
       const T* __restrict row = rows + (gy * grid_w + gx) * d + b * p * p;
       for (int64_t j = 0; j < p; ++j) {
         const int64_t x = gx * p + j;
-        const T a0 = w.weight0[x], a1 = w.weight1[x];
-        const T* __restrict src = row + j * p;
-        // Two loops: at the map's edge both weights go to the same column.
-        T* dst0 = columns + w.index0[x] * p;
-        for (int64_t i = 0; i < p; ++i) dst0[i] += a0 * src[i];
-        T* dst1 = columns + w.index1[x] * p;
-        for (int64_t i = 0; i < p; ++i) dst1[i] += a1 * src[i];
+        add_weighted(columns + w.index0[x] * p, columns + w.index1[x] * p, w.weight0[x], w.weight1[x], row + j * p, p);
       }
     }
     for (int64_t i = 0; i < p; ++i)
       for (int64_t x = 0; x < width; ++x) lines[i * width + x] = columns[x * p + i];
     for (int64_t i = 0; i < p; ++i) {
       const int64_t y = gy * p + i;
-      const T a0 = h.weight0[y], a1 = h.weight1[y];
-      const T* __restrict line = lines + i * width;
-      T* dst0 = grad + h.index0[y] * width;
-      for (int64_t x = 0; x < width; ++x) dst0[x] += a0 * line[x];
-      T* dst1 = grad + h.index1[y] * width;
-      for (int64_t x = 0; x < width; ++x) dst1[x] += a1 * line[x];
+      add_weighted(grad + h.index0[y] * width, grad + h.index1[y] * width, h.weight0[y], h.weight1[y],
+                   lines + i * width, width);
     }
   }
 }
