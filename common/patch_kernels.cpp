@@ -33,6 +33,13 @@ Axis<T> axis(const torch::Tensor& index0, const torch::Tensor& index1, const tor
           index0.size(0)};
 }
 
+// out = a0 * (src0 - o) + a1 * (src1 - o): one resized line. The offset leaves before any rounding, so
+// that a constant map gives exact zeros.
+template <typename T>
+inline void blend(T* __restrict out, const T* src0, const T* src1, T a0, T a1, T o, int64_t length) {
+  for (int64_t i = 0; i < length; ++i) out[i] = a0 * (src0[i] - o) + a1 * (src1[i] - o);
+}
+
 // One map (H x W, minus the offset o) into image b's share of its channel's rows. lines (p x W): p
 // rows resized along H; columns (W x p): the same transposed, so that the W pass reads and writes
 // whole columns of a patch.
@@ -44,12 +51,8 @@ inline void forward_map(const T* __restrict map, T o, int64_t width, Axis<T> h, 
   for (int64_t gy = 0; gy < h.size / p; ++gy) {
     for (int64_t i = 0; i < p; ++i) {
       const int64_t y = gy * p + i;
-      const T a0 = h.weight0[y], a1 = h.weight1[y];
-      const T* __restrict src0 = map + h.index0[y] * width;
-      const T* __restrict src1 = map + h.index1[y] * width;
-      T* __restrict line = lines + i * width;
-      // The offset leaves before any rounding: a constant map gives exact zeros.
-      for (int64_t x = 0; x < width; ++x) line[x] = a0 * (src0[x] - o) + a1 * (src1[x] - o);
+      blend(lines + i * width, map + h.index0[y] * width, map + h.index1[y] * width, h.weight0[y], h.weight1[y], o,
+            width);
     }
     for (int64_t x = 0; x < width; ++x)
       for (int64_t i = 0; i < p; ++i) columns[x * p + i] = lines[i * width + x];
@@ -57,11 +60,7 @@ inline void forward_map(const T* __restrict map, T o, int64_t width, Axis<T> h, 
       T* __restrict row = rows + (gy * grid_w + gx) * d + b * p * p;
       for (int64_t j = 0; j < p; ++j) {
         const int64_t x = gx * p + j;
-        const T a0 = w.weight0[x], a1 = w.weight1[x];
-        const T* __restrict src0 = columns + w.index0[x] * p;
-        const T* __restrict src1 = columns + w.index1[x] * p;
-        T* __restrict out = row + j * p;
-        for (int64_t i = 0; i < p; ++i) out[i] = a0 * src0[i] + a1 * src1[i];
+        blend(row + j * p, columns + w.index0[x] * p, columns + w.index1[x] * p, w.weight0[x], w.weight1[x], T(0), p);
       }
     }
   }
