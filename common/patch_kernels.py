@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -72,9 +73,10 @@ def load():
 
             os.environ["PATH"] = os.pathsep.join(filter(None, [ninja.BIN_DIR, os.environ.get("PATH")]))
         # -fopenmp links against libgomp, which resolves to the copy torch loaded: one thread pool.
+        # One build per torch version: one cached against another torch's headers may not load.
         return cpp_extension.load(
-            name="rcka_patch_kernels", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"], verbose=False,
+            name="rcka_patch_kernels_" + re.sub(r"\W", "_", torch.__version__), sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, no Python headers, another platform's flags
         message = str(error).strip().splitlines()
