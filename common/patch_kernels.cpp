@@ -103,9 +103,9 @@ inline void backward_map(const T* __restrict rows, int64_t height, int64_t width
 
 // The per-map functions compiled for each of these instruction sets, the best picked at load time:
 // a build is correct on any x86-64 node of a cluster that shares it, and vectorised on each.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define RCKA_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // before the x86-64-v* levels
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // GCC 11 can't dispatch on x86-64-v*
 #define RCKA_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RCKA_TARGETS
@@ -165,6 +165,7 @@ void check_axis(const std::vector<torch::Tensor>& coefficients, int64_t size_in,
 void rows_forward(const torch::Tensor& feat, int64_t c_start, const torch::Tensor& offset,
                   const std::vector<torch::Tensor>& along_h, const std::vector<torch::Tensor>& along_w, int64_t p,
                   torch::Tensor rows) {
+  TORCH_CHECK(p > 0, "p: the patch size must be positive, got ", p);
   TORCH_CHECK(feat.dim() == 4 && feat.is_contiguous() && feat.device().is_cpu(), "feat: a contiguous CPU (B, C, H, W)");
   const int64_t batch = feat.size(0), channels = feat.size(1), height = feat.size(2), width = feat.size(3);
   const int64_t k = rows.size(0), n_pad = rows.size(1);
@@ -172,9 +173,11 @@ void rows_forward(const torch::Tensor& feat, int64_t c_start, const torch::Tenso
   check_axis(along_w, width, p, feat.scalar_type(), "along_w");
   const int64_t n = (along_h[0].size(0) / p) * (along_w[0].size(0) / p);
   TORCH_CHECK(offset.sizes() == torch::IntArrayRef({batch, channels}) && offset.is_contiguous() &&
-                  offset.scalar_type() == feat.scalar_type(), "offset: a contiguous (B, C) of feat's dtype");
-  TORCH_CHECK(rows.dim() == 3 && rows.is_contiguous() && rows.scalar_type() == feat.scalar_type() && n_pad >= n &&
-                  rows.size(2) == batch * p * p, "rows: a contiguous (k, n_pad >= n, B * p * p) of feat's dtype");
+                  offset.device().is_cpu() && offset.scalar_type() == feat.scalar_type(),
+              "offset: a contiguous CPU (B, C) of feat's dtype");
+  TORCH_CHECK(rows.dim() == 3 && rows.is_contiguous() && rows.device().is_cpu() &&
+                  rows.scalar_type() == feat.scalar_type() && n_pad >= n && rows.size(2) == batch * p * p,
+              "rows: a contiguous CPU (k, n_pad >= n, B * p * p) of feat's dtype");
   TORCH_CHECK(c_start >= 0 && c_start + k <= channels, "channels c_start .. c_start + k are outside feat");
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "rows_forward", [&] {
     const Axis<scalar_t> h = axis<scalar_t>(along_h[0], along_h[1], along_h[2], along_h[3]);
@@ -197,6 +200,7 @@ void rows_forward(const torch::Tensor& feat, int64_t c_start, const torch::Tenso
 // Channels c_start .. c_start + k of grad_in (B, C, H, W) <- rows_forward's adjoint of grad_rows (k, n, B p p).
 void rows_backward(const torch::Tensor& grad_rows, const std::vector<torch::Tensor>& along_h,
                    const std::vector<torch::Tensor>& along_w, int64_t p, torch::Tensor grad_in, int64_t c_start) {
+  TORCH_CHECK(p > 0, "p: the patch size must be positive, got ", p);
   TORCH_CHECK(grad_in.dim() == 4 && grad_in.is_contiguous() && grad_in.device().is_cpu(),
               "grad_in: a contiguous CPU (B, C, H, W)");
   const int64_t batch = grad_in.size(0), channels = grad_in.size(1), height = grad_in.size(2), width = grad_in.size(3);
@@ -204,9 +208,10 @@ void rows_backward(const torch::Tensor& grad_rows, const std::vector<torch::Tens
   check_axis(along_h, height, p, grad_in.scalar_type(), "along_h");
   check_axis(along_w, width, p, grad_in.scalar_type(), "along_w");
   const int64_t n = (along_h[0].size(0) / p) * (along_w[0].size(0) / p);
-  TORCH_CHECK(grad_rows.dim() == 3 && grad_rows.is_contiguous() && grad_rows.scalar_type() == grad_in.scalar_type() &&
-                  grad_rows.size(1) == n && grad_rows.size(2) == batch * p * p,
-              "grad_rows: a contiguous (k, n, B * p * p) of grad_in's dtype");
+  TORCH_CHECK(grad_rows.dim() == 3 && grad_rows.is_contiguous() && grad_rows.device().is_cpu() &&
+                  grad_rows.scalar_type() == grad_in.scalar_type() && grad_rows.size(1) == n &&
+                  grad_rows.size(2) == batch * p * p,
+              "grad_rows: a contiguous CPU (k, n, B * p * p) of grad_in's dtype");
   TORCH_CHECK(c_start >= 0 && c_start + k <= channels, "channels c_start .. c_start + k are outside grad_in");
   AT_DISPATCH_FLOATING_TYPES(grad_in.scalar_type(), "rows_backward", [&] {
     const Axis<scalar_t> h = axis<scalar_t>(along_h[0], along_h[1], along_h[2], along_h[3]);
@@ -225,6 +230,8 @@ void rows_backward(const torch::Tensor& grad_rows, const std::vector<torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rows_forward", &rows_forward, "Patch rows of resized maps (see patch_kernels.py)");
-  m.def("rows_backward", &rows_backward, "The adjoint of rows_forward");
+  // Milliseconds of work on plain arrays: other Python threads (data loading) may run meanwhile.
+  m.def("rows_forward", &rows_forward, "Patch rows of resized maps (see patch_kernels.py)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rows_backward", &rows_backward, "The adjoint of rows_forward", py::call_guard<py::gil_scoped_release>());
 }
