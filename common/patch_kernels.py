@@ -1,9 +1,9 @@
 """PCKA's CPU kernels (``patch_kernels.cpp``): the bilinear resize fused with the cut into patch rows, and its adjoint.
 
-Why compiled code: on CPU, torch's operators need about five passes over a feature map to do what
-PCKA asks before its Gram matmuls (centre, resize along H, transpose, resize along W, copy into
-rows) and five more for the gradient. Each pass is fast, but together they took as long as the
-matmuls, and in the phases where other tenants of the machine fill its caches they took 1.5x
+Why compiled code: on CPU, PCKA's previous path needed five passes of torch's operators over a
+feature map to do what PCKA asks before its Gram matmuls (centre, resize along H, transpose, resize
+along W, copy into rows) and five more for the gradient. Each pass was fast, but together they took
+as long as the matmuls, and in the phases where other tenants of the machine fill its caches 1.5x
 longer. One pass each way, with a patch row of the map in cache, makes PCKA 12-30% faster on the
 RetinaNet benchmark (``benchmarks/bench_losses.py``). GPUs take the ``nchw`` path of
 ``common.patches`` and never build this.
@@ -15,9 +15,13 @@ own thread pool (``at::parallel_for``, linked against the OpenMP runtime torch a
 they neither fight torch's threads for cores nor spin while the matmuls run.
 
 Built at first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 30 s, then
-cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). The build is
-portable: each kernel is compiled for AVX-512, AVX2 and plain x86-64, and the best is picked on
-the node it runs on. Where the build fails, ``load`` warns once and PCKA uses torch's operators.
+cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). With GCC on x86-64
+the build is portable: each kernel is compiled for AVX-512, AVX2 and plain x86-64, and the best is
+picked on the node it runs on (other compilers and CPUs: one build for the compiler's default
+target). Where the build fails, ``load`` warns once, naming the compiler's first error, and PCKA
+uses torch's operators. torch releases from before mid-2026 (pytorch#190543; the pinned 2.14.1 has
+the fix) lock a build with a file that a killed build leaves behind, and later builds wait for it
+forever: delete ``<TORCH_EXTENSIONS_DIR>/rcka_patch_kernels_*/lock``.
 """
 from __future__ import annotations
 
@@ -25,7 +29,6 @@ import functools
 import logging
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -67,25 +70,44 @@ def load():
     probe_log.setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
-
-        if shutil.which("ninja") is None:  # pip's ninja, in an environment run without activating it
+    finally:
+        probe_log.setLevel(level)
+    path = os.environ.get("PATH")
+    try:
+        try:  # pip's ninja (a dependency) first: another ninja on PATH would rebuild in turn with it
             import ninja
 
-            os.environ["PATH"] = os.pathsep.join(filter(None, [ninja.BIN_DIR, os.environ.get("PATH")]))
+            os.environ["PATH"] = os.pathsep.join(filter(None, [ninja.BIN_DIR, path]))
+        except ImportError:
+            pass
         # -fopenmp links against libgomp, which resolves to the copy torch loaded: one thread pool.
+        # The AVX2 and AVX-512 builds fuse multiply-adds (5% of PCKA's time on the benchmark), so
+        # nodes of different CPU types differ in the last bits, as MKL's matmuls make them anyway.
         # One build per torch version: one cached against another torch's headers may not load.
         return cpp_extension.load(
             name="rcka_patch_kernels_" + re.sub(r"\W", "_", torch.__version__), sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, no Python headers, another platform's flags
-        message = str(error).strip().splitlines()
         warnings.warn(
-            "PCKA's CPU kernels could not be built, so PCKA on CPU uses torch's operators (same values, "
-            f"about 1.5x slower): {message[-1] if message else type(error).__name__}. They need a C++ "
-            "compiler, ninja (pip install ninja) and the Python headers; see common/patch_kernels.py.",
+            "PCKA's CPU kernels could not be built, so PCKA on CPU uses torch's operators (the same values up "
+            f"to rounding, about 1.5x slower): {_first_error(error)}. They need a C++ compiler (GCC or clang), "
+            "ninja (pip install ninja) and the Python headers; see common/patch_kernels.py.",
             RuntimeWarning, stacklevel=2,
         )
         return None
     finally:
-        probe_log.setLevel(level)
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
+
+
+def _first_error(error: Exception) -> str:
+    """The line of a failed build that says what went wrong: the compiler's first error, else the last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    # Compilers write "file:line:col: error: ..." or "fatal error: ..."; torch's own first line
+    # ("Error building extension ...") says nothing more than the warning does.
+    return next((line for line in lines if "error:" in line.lower()), lines[-1]).rstrip(".")
