@@ -76,9 +76,9 @@ def _level_path(feat_s: Tensor, feat_t: Tensor, patch_size: int) -> str:
 
     * ``direct``: neither map needs resizing; the rows are copied out of the maps.
     * ``kernel`` (CPU): ``common.patch_kernels``, one compiled pass over each map for the resize
-      and the cut into rows, and one for their gradient. torch's operators take five passes each
-      way on CPU (centre, resize along H, transpose, resize along W, copy): each fast, together as
-      long as the Gram matmuls.
+      and the cut into rows, and one for their gradient. The previous CPU path took five passes of
+      torch's operators each way (centre, resize along H, transpose, resize along W, copy): each
+      fast, together as long as the Gram matmuls.
     * ``nchw`` (GPU, or a CPU where the kernels could not be built): torch's resize on the maps
       as they are, then the copy. On GPU these are a few large launches over a whole level.
     """
@@ -209,6 +209,8 @@ class _PatchCKA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat_s: Tensor, feat_t: Tensor, patch_size: int, centered: bool) -> Tensor:
         fs, ft = _promote(feat_s), _promote(feat_t)
+        if fs.dtype != ft.dtype:  # float32 and float64: both in float64, as linear_cka does
+            fs, ft = fs.double(), ft.double()
         path = _level_path(fs, ft, patch_size)
         if path == "kernel":  # the kernels index whole maps
             fs, ft = fs.contiguous(), ft.contiguous()
