@@ -40,12 +40,16 @@ __all__ = ["load", "resize_coefficients"]
 SOURCE = Path(__file__).with_name("patch_kernels.cpp")
 
 
-def resize_coefficients(size_in: int, size_out: int, dtype: torch.dtype) -> list[Tensor]:
+@functools.lru_cache(maxsize=64)
+def resize_coefficients(size_in: int, size_out: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Bilinear resizing (align_corners=False) of one axis from ``size_in`` up to ``size_out``, as torch does on CPU.
 
-    Returns ``[index0, index1, weight0, weight1]``: output i blends inputs ``index0[i]`` and
+    Returns ``(index0, index1, weight0, weight1)``: output i blends inputs ``index0[i]`` and
     ``index1[i]`` with weights summing to 1, computed in ``dtype`` arithmetic as torch does:
     ``src = max(scale * (i + 0.5) - 0.5, 0)`` with ``scale = size_in / size_out``.
+
+    Cached, and so shared (the kernels only read them): a PCKA step needs the same few axes for
+    every map, and making them costs ~40 us of small ops each time.
     """
     if size_out < size_in:
         raise ValueError(f"resize_coefficients resizes up only: {size_in} -> {size_out}.")
@@ -57,7 +61,7 @@ def resize_coefficients(size_in: int, size_out: int, dtype: torch.dtype) -> list
     index0 = src.floor().long().clamp_max(size_in - 1)
     index1 = torch.where(index0 < size_in - 1, index0 + 1, index0)
     weight1 = (src - index0.to(dtype)).clamp(0, 1)
-    return [index0, index1, 1 - weight1, weight1]
+    return index0, index1, 1 - weight1, weight1
 
 
 @functools.cache

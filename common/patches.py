@@ -88,7 +88,10 @@ def _level_path(feat_s: Tensor, feat_t: Tensor, patch_size: int) -> str:
     return "kernel" if feat_s.device.type == "cpu" and patch_kernels.load() is not None else "nchw"
 
 
-def _resize_coefficients(feat: Tensor, patch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+_Resize = tuple[tuple[Tensor, ...], tuple[Tensor, ...]]  # a map's resize along H and along W (kernel path)
+
+
+def _resize_coefficients(feat: Tensor, patch_size: int) -> _Resize:
     """The ``kernel`` path's resize of a map along H and along W (``patch_kernels.resize_coefficients``)."""
     size_h, size_w = _resized_size(*feat.shape[-2:], patch_size)
     return (patch_kernels.resize_coefficients(feat.shape[-2], size_h, feat.dtype),
@@ -96,7 +99,7 @@ def _resize_coefficients(feat: Tensor, patch_size: int) -> tuple[list[Tensor], l
 
 
 def _patch_rows(feat: Tensor, chunk: slice, patch_size: int, offset: Tensor | None, path: str, out: Tensor,
-                resized: Tensor | None, padded_rows: int, resize: tuple[list[Tensor], list[Tensor]] | None) -> Tensor:
+                resized: Tensor | None, padded_rows: int, resize: _Resize | None) -> Tensor:
     """``patchify`` of channels ``chunk`` of a float32 or float64 map into ``out``; of ``feat - offset`` if given.
 
     Returns the rows as (c, padded_rows, b * p * p), the patches' rows followed by zero rows up to
@@ -144,7 +147,7 @@ def _patch_rows(feat: Tensor, chunk: slice, patch_size: int, offset: Tensor | No
 
 
 def _grad_from_rows(grad_rows: Tensor, grad_in: Tensor, chunk: slice, path: str, patch_size: int,
-                    resized: Tensor | None, resize: tuple[list[Tensor], list[Tensor]] | None) -> None:
+                    resized: Tensor | None, resize: _Resize | None) -> None:
     """The adjoint of ``_patch_rows`` (less the offset, see backward): channels ``chunk`` of ``grad_in`` (b, C, h, w).
 
     ``grad_rows`` (k, n, b * p * p) is contiguous, and so is ``grad_in``; ``resized`` (the ``nchw``
