@@ -307,10 +307,10 @@ def main():
     if args.processes < 1:
         parser.error(f"--processes must be at least 1, got {args.processes}.")
 
-    # On CPU, build PCKA's kernels here, once (about 30 s the first time), not in every child.
-    kernels = "compiled CPU kernels" if device.type == "cpu" and patch_kernels.load() is not None else None
-    if device.type == "cpu" and kernels is None:
-        kernels = "torch operators (the CPU kernels did not build)"
+    kernels = None  # how PCKA resizes on CPU, for the summary line
+    if device.type == "cpu":  # build PCKA's kernels here, once (about 30 s the first time), not in every child
+        kernels = "compiled CPU kernels" if patch_kernels.load() is not None else \
+            "torch operators (the CPU kernels did not build)"
     results = {}
     processes = args.processes if device.type == "cpu" else 1  # the spread to measure is the CPU VM's
     if processes > 1:
