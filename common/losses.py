@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from common.cka import _promote, linear_cka
 from common.cka_variants import gram_cosine, sp_cka
 from common.dist import all_gather_with_grad, gather_sizes
-from common.patches import patch_cka, patch_grid, patchify
+from common.patches import check_pair, patch_cka, patchify
 
 __all__ = ["METHODS", "FEATURE_FORMS", "add_cka_arguments", "DistillationLoss", "RCKALoss", "PCKALoss", "KDLoss", "DKDLoss", "build_distillation_loss"]
 
@@ -315,24 +315,7 @@ class PCKALoss(DistillationLoss):
             raise ValueError("PCKALoss needs at least one pair of feature maps.")
         intra, inter = [], []
         for name, fs, ft in pairs:
-            if fs.dim() != 4 or ft.dim() != 4:
-                raise ValueError(
-                    f"level {name}: feature maps must be (B, C, H, W); got {tuple(fs.shape)} and {tuple(ft.shape)}."
-                )
-            if fs.shape[:2] != ft.shape[:2]:
-                raise ValueError(
-                    f"level {name}: student (B, C) = {tuple(fs.shape[:2])} but teacher (B, C) = "
-                    f"{tuple(ft.shape[:2])}; PCKA pairs channels one to one, so both need the same "
-                    "batch and channel count (FPN levels usually have 256)."
-                )
-            grid_s = patch_grid(*fs.shape[-2:], self.patch_size)
-            grid_t = patch_grid(*ft.shape[-2:], self.patch_size)
-            if grid_s != grid_t:
-                raise ValueError(
-                    f"level {name}: student map {tuple(fs.shape[-2:])} and teacher map {tuple(ft.shape[-2:])} "
-                    f"give different patch grids ({grid_s[0]}x{grid_s[1]} vs {grid_t[0]}x{grid_t[1]} patches of "
-                    f"{self.patch_size}x{self.patch_size}); pair levels of the same stride."
-                )
+            grid_s = check_pair(fs, ft, self.patch_size, where=f"level {name}: ")
             if self.intra_weight > 0:
                 if grid_s[0] * grid_s[1] < 2:
                     # Centred or not: a single patch has a 1 x 1 Gram, whose CKA says nothing.

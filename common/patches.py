@@ -25,7 +25,7 @@ from torch import Tensor
 from common import patch_kernels
 from common.cka import _no_autocast, _promote, cka_and_gradient_
 
-__all__ = ["patch_grid", "patchify", "patch_cka"]
+__all__ = ["patch_grid", "patchify", "patch_cka", "check_pair"]
 
 # Channels per chunk of ``patch_cka`` on CPU: about this many elements of resized map per chunk.
 # A chunk's rows stay in cache from the resize to the Gram matmuls; a whole P3 level (~37 MiB in
@@ -49,6 +49,33 @@ def _check(feat: Tensor, patch_size: int) -> None:
         )
     if patch_size < 1:
         raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
+
+
+def check_pair(feat_s: Tensor, feat_t: Tensor, patch_size: int, where: str = "") -> tuple[int, int]:
+    """Check that two maps can be compared patch by patch; return their patch grid. ``where`` prefixes the errors.
+
+    PCKA pairs channels one to one and patches position by position, so the maps need the same
+    batch, channels and patch grid.
+    """
+    if feat_s.dim() != 4 or feat_t.dim() != 4:
+        raise ValueError(
+            f"{where}feature maps must be (B, C, H, W); got {tuple(feat_s.shape)} and {tuple(feat_t.shape)}."
+        )
+    if feat_s.shape[:2] != feat_t.shape[:2]:
+        raise ValueError(
+            f"{where}student (B, C) = {tuple(feat_s.shape[:2])} but teacher (B, C) = "
+            f"{tuple(feat_t.shape[:2])}; PCKA pairs channels one to one, so both need the same "
+            "batch and channel count (FPN levels usually have 256)."
+        )
+    grid_s = patch_grid(*feat_s.shape[-2:], patch_size)
+    grid_t = patch_grid(*feat_t.shape[-2:], patch_size)
+    if grid_s != grid_t:
+        raise ValueError(
+            f"{where}student map {tuple(feat_s.shape[-2:])} and teacher map {tuple(feat_t.shape[-2:])} "
+            f"give different patch grids ({grid_s[0]}x{grid_s[1]} vs {grid_t[0]}x{grid_t[1]} patches of "
+            f"{patch_size}x{patch_size}); pair levels of the same stride."
+        )
+    return grid_s
 
 
 def _resized_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -320,4 +347,5 @@ def patch_cka(feat_s: Tensor, feat_t: Tensor, patch_size: int = 16, centered: bo
     """
     _check(feat_s, patch_size)
     _check(feat_t, patch_size)
+    check_pair(feat_s, feat_t, patch_size)  # the kernels and buffers are sized by the student's map
     return _PatchCKA.apply(feat_s, feat_t.detach(), patch_size, centered)

@@ -194,3 +194,16 @@ def test_patch_cka_keeps_the_input_dtype_for_the_gradient_and_sends_none_to_the_
     assert value.dtype == torch.float32
     value.sum().backward()
     assert fs.grad.dtype == torch.bfloat16 and ft.grad is None
+
+
+@pytest.mark.parametrize(
+    "shape_t,message",
+    [((2, 3, 12, 19), r"different patch grids \(4x5 vs 3x5 patches of 4x4\)"),
+     ((2, 4, 13, 19), r"student \(B, C\) = \(2, 3\) but teacher \(B, C\) = \(2, 4\)"),
+     ((1, 3, 13, 19), r"student \(B, C\) = \(2, 3\) but teacher \(B, C\) = \(1, 3\)")],
+)
+def test_patch_cka_refuses_maps_it_cannot_pair(shape_t, message):
+    # The rows and Grams are sized by the student's map: a teacher with fewer patches would be
+    # compared against zero rows, one with more would not fit.
+    with pytest.raises(ValueError, match=message):
+        patch_cka(torch.randn(2, 3, 13, 19), torch.randn(*shape_t), 4)
